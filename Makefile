@@ -1,0 +1,112 @@
+# nbdkit-qcow-plugin: one plain GNU make file.
+#   make            build ./qcow.so, ./qcow-tool and the man page
+#   make run        install missing dependencies, build, serve disk.qcow2
+#   make check      install missing dependencies, build, run every test
+#   make check SANITIZE=1   the same under ASan + UBSan (build in build-san/)
+#   make bench      benchmark against qemu-nbd and a raw file
+#   make install    install plugin, tool and man page under $(PREFIX)
+
+CC      ?= cc
+PREFIX  ?= /usr/local
+SANITIZE ?=
+CFLAGS_BASE = -std=gnu11 -O2 -g -fPIC -pthread -Wall -Wextra -Werror \
+              -Wno-unused-parameter -D_GNU_SOURCE -Icore
+ifeq ($(SANITIZE),1)
+O       := build-san
+CFLAGS_BASE += -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+               -fno-sanitize-recover=undefined
+LDFLAGS_SAN = -fsanitize=address,undefined
+else
+O       := .
+endif
+CFLAGS  ?=
+ALL_CFLAGS = $(CFLAGS_BASE) $(CFLAGS)
+LIBS    = -pthread -lz -lzstd
+
+CORE_SRCS := $(wildcard core/*.c)
+CORE_OBJS := $(patsubst core/%.c,$(O)/obj/core/%.o,$(CORE_SRCS))
+UNIT_SRCS := $(wildcard tests/unit-*.c)
+UNIT_BINS := $(patsubst tests/%.c,$(O)/tests/%,$(UNIT_SRCS))
+
+PLUGIN  := $(O)/qcow.so
+TOOL    := $(O)/qcow-tool
+MAN     := nbdkit-qcow-plugin.1
+
+# Debian packages needed to build, test and benchmark.
+DEPS_BUILD = gcc make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev perl
+DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio
+DEPS = $(DEPS_BUILD) $(DEPS_TEST)
+
+.PHONY: all deps run check bench install clean fuzz unit
+all: $(PLUGIN) $(TOOL) $(MAN)
+
+$(O)/obj/core/%.o: core/%.c core/*.h
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(O)/obj/plugin/qcow.o: plugin/qcow.c core/qcow.h
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(O)/obj/tool/qcow-tool.o: tool/qcow-tool.c core/qcow.h
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(O)/libqcowcore.a: $(CORE_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(PLUGIN): $(O)/obj/plugin/qcow.o $(O)/libqcowcore.a
+	$(CC) -shared $(LDFLAGS_SAN) -o $@ $^ $(LIBS)
+
+$(TOOL): $(O)/obj/tool/qcow-tool.o $(O)/libqcowcore.a
+	$(CC) $(LDFLAGS_SAN) -o $@ $^ $(LIBS)
+
+$(O)/tests/%: tests/%.c $(O)/libqcowcore.a core/qcow.h
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SAN) -o $@ $< $(O)/libqcowcore.a $(LIBS)
+
+unit: $(UNIT_BINS)
+
+$(MAN): nbdkit-qcow-plugin.pod
+	pod2man --section=1 --center="nbdkit" --release="nbdkit-qcow-plugin" \
+	  --name=nbdkit-qcow-plugin $< > $@
+
+# Install what is missing (as root), or say exactly what to run.
+deps:
+	@missing=""; for p in $(DEPS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  else \
+	    echo "Missing packages. Run:  sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+disk.qcow2: | $(TOOL)
+	$(TOOL) create $@ 1G
+
+run: deps
+	$(MAKE) all
+	$(MAKE) disk.qcow2
+	nbdkit -f -v $(abspath $(PLUGIN)) file=$(abspath disk.qcow2)
+
+check: deps
+	$(MAKE) all unit
+	QCOW_BUILD=$(abspath $(O)) SANITIZE=$(SANITIZE) tests/run
+
+bench: deps
+	$(MAKE) all
+	bench/run
+
+install: all
+	install -D -m 755 $(PLUGIN) $(DESTDIR)$$(pkg-config --variable=plugindir nbdkit 2>/dev/null || echo $(PREFIX)/lib/nbdkit/plugins)/nbdkit-qcow-plugin.so
+	install -D -m 755 $(TOOL) $(DESTDIR)$(PREFIX)/bin/qcow-tool
+	install -D -m 644 $(MAN) $(DESTDIR)$(PREFIX)/share/man/man1/$(MAN)
+
+clean:
+	rm -rf obj build-san tests/unit-*.o qcow.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
+	rm -rf ./tests/bin

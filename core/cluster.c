@@ -1,0 +1,204 @@
+/* cluster.c - guest offset -> host offset: L1/L2 lookup and update, and
+ * the ordered write-back of metadata (metadata_sync). */
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* The cached L2 table for L1 index IDX; NULL in *EP if none is allocated
+ * and !ALLOC.  With ALLOC the table is created if needed, and a table
+ * that is about to be modified must not be shared. */
+int
+l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
+{
+  int r;
+  *ep = NULL;
+  if (idx >= q->h.l1_size) {
+    ERR (q, "internal error: L1 index %" PRIu64 " out of range", idx);
+    return -EIO;
+  }
+  struct centry *e = cache_peek (&q->l2c, idx);
+  if (e) {
+    *ep = e;
+    if (alloc && !(q->l1[idx] & ENTRY_COPIED))
+      goto check_shared;
+    return cache_get (q, &q->l2c, idx, e->offset, false, ep);   /* LRU touch */
+  }
+  uint64_t off = q->l1[idx] & L1_OFFSET_MASK;
+  if (!off) {
+    if (!alloc)
+      return 0;
+    uint64_t c, got;
+    bool fresh;
+    if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
+      return r;
+    if ((r = cache_get (q, &q->l2c, idx, c << q->cluster_bits, true, ep)) < 0) {
+      rc_free (q, c, 1);
+      return r;
+    }
+    q->l1[idx] = (c << q->cluster_bits) | ENTRY_COPIED;
+    goto l1_dirty;
+  }
+  if (off % q->cluster_size != 0 || off < q->cluster_size ||
+      off >= q->file_size) {
+    ERR (q, "L1 entry %" PRIu64 " points to an L2 table at 0x%" PRIx64 " %s",
+         idx, off, off % q->cluster_size ? "that is misaligned"
+         : off < q->cluster_size ? "inside the header"
+         : "beyond the end of the file");
+    return -EIO;
+  }
+  if ((r = cache_get (q, &q->l2c, idx, off, false, ep)) < 0)
+    return r;
+  if (!alloc || q->l1[idx] & ENTRY_COPIED)
+    return 0;
+ check_shared: ;
+  uint64_t rc;
+  if ((r = rc_get (q, (q->l1[idx] & L1_OFFSET_MASK) >> q->cluster_bits, &rc)) < 0)
+    return r;
+  if (rc != 1) {
+    ERR (q, "L2 table %" PRIu64 " is shared (refcount %" PRIu64 "): "
+         "writing to images with snapshots is not supported yet", idx, rc);
+    return -ENOTSUP;
+  }
+  q->l1[idx] |= ENTRY_COPIED;
+  /* rc_get may have evicted nothing from the L2 cache, but look again. */
+  if ((r = cache_get (q, &q->l2c, idx, q->l1[idx] & L1_OFFSET_MASK, false, ep)) < 0)
+    return r;
+ l1_dirty:
+  if (q->l1_dirty_hi <= q->l1_dirty_lo) {
+    q->l1_dirty_lo = idx;
+    q->l1_dirty_hi = idx + 1;
+  }
+  else {
+    if (idx < q->l1_dirty_lo) q->l1_dirty_lo = idx;
+    if (idx + 1 > q->l1_dirty_hi) q->l1_dirty_hi = idx + 1;
+  }
+  return 0;
+}
+
+int
+l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
+{
+  struct centry *e;
+  int r = l2_get_table (q, gc >> q->l2_bits, false, &e);
+  memset (m, 0, sizeof *m);
+  if (r < 0)
+    return r;
+  if (!e) {
+    m->kind = C_UNALLOC;
+    return 0;
+  }
+  uint64_t ent = rd64 (e->data + 8 * (gc & ((1ULL << q->l2_bits) - 1)));
+  m->copied = ent & ENTRY_COPIED;
+  if (ent & ENTRY_COMPRESSED) {
+    m->kind = C_COMPRESSED;
+    m->host = ent;
+    return 0;
+  }
+  uint64_t off = ent & L2_OFFSET_MASK;
+  bool zero = q->h.version >= 3 && (ent & ENTRY_ZERO);
+  if (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
+              off >= q->file_size)) {
+    ERR (q, "L2 entry for guest offset 0x%" PRIx64 " points to 0x%" PRIx64
+         " %s", gc << q->cluster_bits, off,
+         off % q->cluster_size ? "which is misaligned"
+         : off < q->cluster_size ? "inside the header"
+         : "beyond the end of the file");
+    return -EIO;
+  }
+  if (zero) {
+    m->kind = off ? C_ZERO_ALLOC : C_ZERO;
+    m->host = off;
+    return 0;
+  }
+  if (!off) {
+    m->kind = C_UNALLOC;
+    return 0;
+  }
+  m->kind = C_DATA;
+  m->host = off;
+  return 0;
+}
+
+int
+l2_set (struct qcow *q, uint64_t gc, uint64_t entry)
+{
+  struct centry *e;
+  int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
+  if (r < 0)
+    return r;
+  wr64 (e->data + 8 * (gc & ((1ULL << q->l2_bits) - 1)), entry);
+  cache_mark_dirty (&q->l2c, e);
+  return 0;
+}
+
+static int
+write_l1_range (struct qcow *q)
+{
+  uint64_t lo = q->l1_dirty_lo, hi = q->l1_dirty_hi;
+  uint64_t *buf = malloc ((hi - lo) * 8);
+  if (!buf)
+    return -ENOMEM;
+  for (uint64_t i = lo; i < hi; i++)
+    buf[i - lo] = htobe64 (q->l1[i]);
+  int r = io_pwrite (q, buf, (hi - lo) * 8, q->h.l1_table_offset + lo * 8);
+  free (buf);
+  if (r == 0)
+    q->l1_dirty_lo = q->l1_dirty_hi = 0;
+  return r;
+}
+
+static int
+write_rct (struct qcow *q)
+{
+  uint64_t n = q->rct_entries;
+  uint64_t *buf = malloc (n * 8);
+  if (!buf)
+    return -ENOMEM;
+  for (uint64_t i = 0; i < n; i++)
+    buf[i] = htobe64 (q->rct[i]);
+  int r = io_pwrite (q, buf, n * 8, q->h.refcount_table_offset);
+  free (buf);
+  if (r == 0)
+    q->rct_dirty = false;
+  return r;
+}
+
+/* Write all dirty metadata so that at every instant the file on disk is
+ * consistent: new clusters (data and tables) and refcount increases are
+ * durable before any table that points to them. */
+int
+metadata_sync (struct qcow *q)
+{
+  bool l1dirty = q->l1_dirty_hi > q->l1_dirty_lo;
+  bool l2dirty = q->l2c.ndirty > 0;
+  bool rcdirty = q->rbc.ndirty > 0 || q->rct_dirty;
+  bool lazy = q->dirty_bit_set;   /* refcounts need no ordering */
+  int r;
+
+  if (!l1dirty && !l2dirty && !rcdirty)
+    return 0;
+  if (rcdirty) {
+    if ((r = cache_write_dirty (q, &q->rbc)) < 0)
+      return r;
+    if (q->rct_dirty) {
+      if (!lazy && (r = io_sync (q)) < 0)      /* blocks before the table */
+        return r;
+      if ((r = write_rct (q)) < 0)
+        return r;
+    }
+  }
+  if (l2dirty || l1dirty) {
+    /* data and refcounts before the L2 entries that point to them */
+    if (q->data_unsynced && (r = io_sync (q)) < 0)
+      return r;
+    if ((r = cache_write_dirty (q, &q->l2c)) < 0)
+      return r;
+    if (l1dirty) {
+      if ((r = io_sync (q)) < 0)                /* L2 tables before L1 */
+        return r;
+      if ((r = write_l1_range (q)) < 0)
+        return r;
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,182 @@
+/* internal.h - shared by the core's files; not part of the public API. */
+#ifndef QCOW_INTERNAL_H
+#define QCOW_INTERNAL_H
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include <string.h>
+#include <endian.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <inttypes.h>
+
+#include "qcow.h"
+
+#define QCOW_MAGIC 0x514649fbU            /* "QFI\xfb" */
+#define QCOW_V2_HEADER_LEN 72
+#define QCOW_V3_HEADER_LEN 112            /* what we write: incl. compression_type */
+#define QCOW_MIN_CLUSTER_BITS 9
+#define QCOW_MAX_CLUSTER_BITS 21
+#define QCOW_MAX_L1_BYTES (32u << 20)     /* QEMU's limit */
+#define QCOW_MAX_RCT_BYTES (8u << 20)     /* QEMU's limit */
+#define QCOW_MAX_HOST_OFFSET (1ULL << 56) /* L2 entries hold bits 9..55 */
+
+/* Header extension types. */
+#define EXT_END            0x00000000U
+#define EXT_BACKING_FORMAT 0xe2792acaU
+#define EXT_FEATURE_TABLE  0x6803f857U
+#define EXT_BITMAPS        0x23852875U
+#define EXT_ENCRYPTION     0x0537be77U
+#define EXT_DATA_FILE      0x44415441U
+
+/* Table entry bits. */
+#define ENTRY_COPIED      (1ULL << 63)
+#define ENTRY_COMPRESSED  (1ULL << 62)
+#define ENTRY_ZERO        1ULL
+#define L1_OFFSET_MASK    0x00fffffffffffe00ULL
+#define L1_RESERVED_MASK  0x7f000000000001ffULL
+#define L2_OFFSET_MASK    0x00fffffffffffe00ULL
+#define L2_RESERVED_MASK  0x3f000000000001feULL
+#define RCT_OFFSET_MASK   0xfffffffffffffe00ULL
+
+#define KNOWN_INCOMPAT (QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | \
+                        QCOW_INCOMPAT_DATA_FILE | QCOW_INCOMPAT_COMPRESSION | \
+                        QCOW_INCOMPAT_EXTL2)
+
+static inline uint64_t rd64 (const void *p) { uint64_t v; memcpy (&v, p, 8); return be64toh (v); }
+static inline uint32_t rd32 (const void *p) { uint32_t v; memcpy (&v, p, 4); return be32toh (v); }
+static inline uint16_t rd16 (const void *p) { uint16_t v; memcpy (&v, p, 2); return be16toh (v); }
+static inline void wr64 (void *p, uint64_t v) { v = htobe64 (v); memcpy (p, &v, 8); }
+static inline void wr32 (void *p, uint32_t v) { v = htobe32 (v); memcpy (p, &v, 4); }
+static inline void wr16 (void *p, uint16_t v) { v = htobe16 (v); memcpy (p, &v, 2); }
+
+static inline uint64_t div_round_up (uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+
+/* ---- cache.c: metadata table cache (L2 tables, refcount blocks) ---- */
+struct centry {
+  uint64_t key;            /* L1 index or refcount table index */
+  uint64_t offset;         /* host offset of the table cluster */
+  uint8_t *data;           /* one cluster, big-endian as on disk */
+  bool dirty;
+  struct centry *prev, *next;   /* LRU list, most recent first */
+};
+struct cache {
+  const char *what;        /* "L2 table" / "refcount block" */
+  struct centry **slot;    /* by key */
+  uint64_t nslots;
+  size_t count, max;
+  size_t ndirty;
+  struct centry lru;       /* sentinel */
+};
+
+/* ---- the image ---- */
+struct inflight {          /* a guest cluster range being allocated */
+  uint64_t first, count;   /* guest cluster numbers */
+  struct inflight *next;
+};
+
+struct qcow {
+  char *filename;
+  int fd;
+  bool read_only;          /* never write */
+  bool corrupt;            /* header corrupt bit: forced read-only */
+  struct qcow_config cfg;
+
+  /* header (host-endian) */
+  struct qcow_header h;
+  unsigned cluster_bits;
+  uint64_t cluster_size;
+  unsigned l2_bits;        /* log2 entries per L2 table */
+  unsigned rb_bits;        /* log2 entries per refcount block */
+  uint64_t refcount_max;
+
+  pthread_mutex_t lock;    /* guards everything below */
+  pthread_cond_t alloc_cond;
+  pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
+
+  uint64_t *l1;            /* active L1, host-endian; l1_size entries */
+  uint64_t l1_dirty_lo, l1_dirty_hi;   /* dirty index range [lo, hi) */
+  uint64_t *rct;           /* refcount table, host-endian */
+  uint64_t rct_entries;
+  bool rct_dirty;
+  struct cache l2c, rbc;
+
+  uint64_t file_size;      /* bytes known to exist (max written end) */
+  uint64_t frontier;       /* first host cluster never handed out and past
+                              the original end of file: reads as zeros */
+  uint64_t free_hint;      /* no free cluster below this one */
+  struct inflight *inflight;
+  uint64_t *pending_free;  /* host clusters to decrement once unlinked */
+  size_t npending, pending_cap;
+
+  bool modified;           /* begin_modify() has run */
+  bool dirty_bit_set;      /* we set the header's dirty bit */
+  bool data_unsynced;      /* data written since the last fdatasync */
+  uint8_t *zero_cluster;   /* cluster_size zero bytes */
+
+  struct qcow_stats stats;
+};
+
+/* ---- messages (qcow.c) ---- */
+void qcow_errorf (const char *file, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+void qcow_debugf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+#define ERR(q, ...) qcow_errorf ((q)->filename, __VA_ARGS__)
+
+/* ---- io.c ---- */
+int io_pread (struct qcow *q, void *buf, size_t count, uint64_t offset);
+int io_pread_fd (int fd, const char *file, void *buf, size_t count, uint64_t offset, bool zero_past_eof);
+int io_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
+int io_pwrite_fd (int fd, const char *file, const void *buf, size_t count, uint64_t offset);
+int io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
+int io_sync (struct qcow *q);
+
+/* ---- header.c ---- */
+int header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size);
+int header_write_fields (struct qcow *q, unsigned off, unsigned len);
+int header_set_incompat (struct qcow *q, uint64_t incompat);
+size_t header_build (uint8_t *buf, size_t bufsize, const struct qcow_create_opts *o,
+                     uint64_t l1_offset, uint32_t l1_size);
+const char *feature_name (struct qcow *q, int type, int bit);
+
+/* ---- cache.c ---- */
+void cache_init (struct cache *c, const char *what, size_t max);
+int cache_resize_slots (struct cache *c, uint64_t nslots);
+void cache_free (struct cache *c);
+/* Find KEY (loading it from OFFSET on a miss, or zero-filling if FRESH). */
+int cache_get (struct qcow *q, struct cache *c, uint64_t key, uint64_t offset,
+               bool fresh, struct centry **ep);
+struct centry *cache_peek (struct cache *c, uint64_t key);
+void cache_mark_dirty (struct cache *c, struct centry *e);
+int cache_write_dirty (struct qcow *q, struct cache *c);
+void cache_drop (struct cache *c, uint64_t key);
+void cache_drop_all (struct cache *c);
+
+/* ---- refcount.c ---- */
+int rc_get (struct qcow *q, uint64_t cluster, uint64_t *rc);
+int rc_set (struct qcow *q, uint64_t cluster, uint64_t rc);
+int rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fresh);
+int rc_free (struct qcow *q, uint64_t cluster, uint64_t n);
+void rc_defer_free (struct qcow *q, uint64_t cluster);
+int rc_apply_deferred (struct qcow *q);
+int rc_rebuild (struct qcow *q);
+int rc_write_structure (int fd, const char *file, unsigned cluster_bits,
+                        unsigned refcount_order, const uint16_t *counts,
+                        uint64_t nclusters, uint64_t *rct_offset, uint32_t *rct_clusters,
+                        uint64_t *new_end);
+
+/* ---- cluster.c ---- */
+enum ckind { C_UNALLOC, C_ZERO, C_ZERO_ALLOC, C_DATA, C_COMPRESSED };
+struct cmap {
+  enum ckind kind;
+  uint64_t host;           /* host offset of the cluster (C_DATA, C_ZERO_ALLOC) */
+  bool copied;             /* refcount known to be 1 */
+};
+int l2_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
+int l2_get_table (struct qcow *q, uint64_t l1_index, bool alloc, struct centry **ep);
+int l2_set (struct qcow *q, uint64_t gcluster, uint64_t entry);
+int metadata_sync (struct qcow *q);
+
+#endif /* QCOW_INTERNAL_H */

@@ -1,0 +1,143 @@
+/* qcow.h - the qcow2 core library: the whole public interface.
+ *
+ * No nbdkit dependency.  Thread-safe: one struct qcow may be used by any
+ * number of threads at once (reads and writes proceed in parallel; only
+ * metadata updates take the image's lock).
+ *
+ * Conventions: functions returning int return 0 (or a non-negative value)
+ * on success and -errno on failure.  On failure a one-line message of the
+ * form "FILE: what is wrong" has been passed to the error handler.
+ *
+ * The interface follows the OCaml `qcow` library: create, connect,
+ * disconnect, get_info, read, write, resize, discard, seek_mapped,
+ * seek_unmapped, rebuild_refcount_table, flush, header, to_config,
+ * get_stats.
+ */
+#ifndef QCOW_H
+#define QCOW_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define QCOW_LIB_VERSION "0.1.0"
+
+struct qcow;
+
+/* Messages.  The handlers are process-wide; the defaults print to stderr
+ * (errors) and nothing (debug). */
+typedef void (*qcow_msg_fn) (const char *msg);
+void qcow_set_error_handler (qcow_msg_fn fn);
+void qcow_set_debug_handler (qcow_msg_fn fn);
+
+/* Behaviour as seen from this client; does not affect the format
+ * (the OCaml library's Config.t). */
+struct qcow_config {
+  bool read_only;          /* open O_RDONLY; the file is never modified */
+  bool discard;            /* honour discard (trim); default true */
+  uint64_t cache_size;     /* metadata cache in bytes; 0 = default */
+};
+void qcow_config_default (struct qcow_config *cfg);
+
+/* On-disk choices for a new image. */
+struct qcow_create_opts {
+  uint64_t size;           /* virtual size in bytes */
+  unsigned cluster_bits;   /* 9..21; default 16 (64 KiB) */
+  unsigned refcount_order; /* 0..6; default 4 (16 bit refcounts) */
+  unsigned version;        /* 2 or 3; default 3 */
+  bool lazy_refcounts;     /* default true (v3 only) */
+};
+void qcow_create_opts_default (struct qcow_create_opts *opts);
+
+/* Create a new image at PATH.  Fails with -EEXIST if PATH exists unless
+ * OVERWRITE. */
+int qcow_create (const char *path, const struct qcow_create_opts *opts,
+                 bool overwrite);
+
+/* Open and validate an image.  Nothing is written to the file until the
+ * first write-type request (so a read-only user never modifies it). */
+int qcow_connect (const char *path, const struct qcow_config *cfg,
+                  struct qcow **qp);
+
+/* Flush, mark the image clean and close it.  Frees Q even on error. */
+int qcow_disconnect (struct qcow *q);
+
+struct qcow_info {
+  uint64_t size;           /* virtual size in bytes */
+  uint32_t cluster_size;
+  bool read_write;         /* false if opened read-only or image is corrupt */
+};
+void qcow_get_info (struct qcow *q, struct qcow_info *info);
+
+/* A snapshot of the header as it is now. */
+#define QCOW_INCOMPAT_DIRTY       (1ULL << 0)
+#define QCOW_INCOMPAT_CORRUPT     (1ULL << 1)
+#define QCOW_INCOMPAT_DATA_FILE   (1ULL << 2)
+#define QCOW_INCOMPAT_COMPRESSION (1ULL << 3)
+#define QCOW_INCOMPAT_EXTL2       (1ULL << 4)
+#define QCOW_COMPAT_LAZY_REFCOUNTS (1ULL << 0)
+struct qcow_header {
+  uint32_t version;
+  uint64_t size;
+  uint32_t cluster_bits;
+  uint32_t crypt_method;
+  uint32_t l1_size;
+  uint64_t l1_table_offset;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+  uint64_t incompatible_features;
+  uint64_t compatible_features;
+  uint64_t autoclear_features;
+  uint32_t refcount_order;
+  uint32_t header_length;
+  uint8_t compression_type;
+  char backing_file[1024];     /* "" if none */
+  char backing_format[64];     /* "" if not recorded */
+};
+void qcow_get_header (struct qcow *q, struct qcow_header *h);
+void qcow_to_config (struct qcow *q, struct qcow_config *cfg);
+const char *qcow_filename (struct qcow *q);
+
+/* Byte-granular I/O: any offset and count inside the virtual size. */
+#define QCOW_FUA 1u            /* write: durable before returning */
+int qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset);
+int qcow_write (struct qcow *q, const void *buf, size_t count,
+                uint64_t offset, unsigned flags);
+
+/* Make every completed write durable, metadata included. */
+int qcow_flush (struct qcow *q);
+
+/* Change the virtual size.  Shrinking fails with -EINVAL unless
+ * IGNORE_DATA_LOSS, in which case the clusters past the end are freed. */
+int qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss);
+
+/* Recompute every refcount from the L1/L2 references and write a fresh
+ * refcount structure (used automatically for images opened dirty). */
+int qcow_rebuild_refcount_table (struct qcow *q);
+
+/* Mapping (block status).  Describes the run starting at OFFSET (at most
+ * COUNT bytes): *LEN gets its length, *FLAGS a combination of these. */
+#define QCOW_EXTENT_HOLE 1u    /* nothing allocated: reads as zeros */
+#define QCOW_EXTENT_ZERO 2u    /* reads as zeros */
+int qcow_map (struct qcow *q, uint64_t offset, uint64_t count,
+              uint64_t *len, unsigned *flags);
+/* The next offset >= FROM that may hold data / that is a hole; the virtual
+ * size if there is none. */
+int64_t qcow_seek_mapped (struct qcow *q, uint64_t from);
+int64_t qcow_seek_unmapped (struct qcow *q, uint64_t from);
+
+/* Runtime statistics (the OCaml library's Stats.t). */
+struct qcow_stats {
+  uint64_t reads, writes, flushes;
+  uint64_t clusters_allocated;     /* data and table clusters allocated */
+  uint64_t l2_cache_hits, l2_cache_misses;
+  uint64_t metadata_writes;        /* metadata clusters written back */
+};
+void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
+
+/* Bytes of guest data allocated (clusters mapped in L2 tables). */
+int qcow_allocated_bytes (struct qcow *q, uint64_t *bytes);
+
+#endif /* QCOW_H */

@@ -1,0 +1,559 @@
+/* refcount.c - refcount read/update, cluster allocation, refcount table
+ * growth, deferred frees and rebuilding the refcount structure. */
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* ---- entries inside one refcount block ---- */
+static uint64_t
+rb_read (unsigned order, const uint8_t *d, uint64_t i)
+{
+  switch (order) {
+  case 0: case 1: case 2: {
+    unsigned bits = 1u << order;
+    uint64_t bit = i * bits;
+    return (d[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
+  }
+  case 3: return d[i];
+  case 4: return rd16 (d + 2 * i);
+  case 5: return rd32 (d + 4 * i);
+  default: return rd64 (d + 8 * i);
+  }
+}
+
+static void
+rb_write (unsigned order, uint8_t *d, uint64_t i, uint64_t v)
+{
+  switch (order) {
+  case 0: case 1: case 2: {
+    unsigned bits = 1u << order;
+    uint64_t bit = i * bits;
+    uint8_t mask = ((1u << bits) - 1) << (bit % 8);
+    d[bit / 8] = (d[bit / 8] & ~mask) | ((v << (bit % 8)) & mask);
+    break;
+  }
+  case 3: d[i] = v; break;
+  case 4: wr16 (d + 2 * i, v); break;
+  case 5: wr32 (d + 4 * i, v); break;
+  default: wr64 (d + 8 * i, v); break;
+  }
+}
+
+/* The cached refcount block IDX, or NULL in *EP if it does not exist. */
+static int
+rc_block (struct qcow *q, uint64_t idx, struct centry **ep)
+{
+  *ep = NULL;
+  if (idx >= q->rct_entries || q->rct[idx] == 0)
+    return 0;
+  struct centry *e = cache_peek (&q->rbc, idx);
+  if (!e) {
+    uint64_t off = q->rct[idx];
+    if (off & ~RCT_OFFSET_MASK || off % q->cluster_size != 0) {
+      ERR (q, "refcount table entry %" PRIu64 " (0x%" PRIx64 ") is misaligned",
+           idx, off);
+      return -EIO;
+    }
+    if (off < q->cluster_size || off >= q->file_size) {
+      ERR (q, "refcount block %" PRIu64 " at 0x%" PRIx64 " lies %s", idx, off,
+           off < q->cluster_size ? "inside the header" : "beyond the end of the file");
+      return -EIO;
+    }
+  }
+  return cache_get (q, &q->rbc, idx, q->rct[idx], false, ep);
+}
+
+int
+rc_get (struct qcow *q, uint64_t cluster, uint64_t *rc)
+{
+  struct centry *e;
+  int r = rc_block (q, cluster >> q->rb_bits, &e);
+  if (r < 0)
+    return r;
+  uint64_t mask = (1ULL << q->rb_bits) - 1;
+  *rc = e ? rb_read (q->h.refcount_order, e->data, cluster & mask) : 0;
+  return 0;
+}
+
+/* Set a refcount whose block exists. */
+int
+rc_set (struct qcow *q, uint64_t cluster, uint64_t rc)
+{
+  struct centry *e;
+  int r = rc_block (q, cluster >> q->rb_bits, &e);
+  if (r < 0)
+    return r;
+  if (!e) {
+    ERR (q, "internal error: no refcount block for cluster %" PRIu64, cluster);
+    return -EIO;
+  }
+  uint64_t mask = (1ULL << q->rb_bits) - 1;
+  rb_write (q->h.refcount_order, e->data, cluster & mask, rc);
+  cache_mark_dirty (&q->rbc, e);
+  return 0;
+}
+
+/* The first used cluster in [from, from+n), or from+n if all are free. */
+static int
+first_used (struct qcow *q, uint64_t from, uint64_t n, uint64_t *used)
+{
+  for (uint64_t c = from; c < from + n; c++) {
+    uint64_t rc;
+    int r = rc_get (q, c, &rc);
+    if (r < 0)
+      return r;
+    if (rc) {
+      *used = c;
+      return 0;
+    }
+  }
+  *used = from + n;
+  return 0;
+}
+
+/* Grow the refcount table so that index NEED exists.  The new table and
+ * the refcount blocks that describe it are placed past everything
+ * allocated; the header is switched only once they are durable. */
+static int
+grow_rct (struct qcow *q, uint64_t need)
+{
+  const uint64_t cs = q->cluster_size, epc = cs / 8;
+  uint64_t entries = need + 1 > q->rct_entries * 2 ? need + 1 : q->rct_entries * 2;
+  uint64_t start = div_round_up (q->file_size, cs), T, B = 0;
+  int r;
+
+  for (int iter = 0;; iter++) {
+    if (iter > 64) {
+      ERR (q, "internal error: refcount table growth does not converge");
+      return -EIO;
+    }
+    entries = div_round_up (entries, epc) * epc;
+    T = entries / epc;
+    if (entries * 8 > QCOW_MAX_RCT_BYTES) {
+      ERR (q, "image is full: the refcount table would exceed %u bytes",
+           QCOW_MAX_RCT_BYTES);
+      return -ENOSPC;
+    }
+    uint64_t used = 0;
+    if ((r = first_used (q, start, T + B, &used)) < 0)
+      return r;
+    if (used < start + T + B) {
+      start = used + 1;         /* allocated but not yet written: skip it */
+      iter--;
+      continue;
+    }
+    uint64_t end = start + T + B;
+    uint64_t last_idx = (end - 1) >> q->rb_bits, missing = 0;
+    for (uint64_t i = start >> q->rb_bits; i <= last_idx; i++)
+      missing += i >= q->rct_entries || q->rct[i] == 0;
+    if (last_idx + 1 > entries) {
+      entries = last_idx + 1;
+      continue;
+    }
+    if (missing <= B)
+      break;
+    B = missing;
+  }
+  if ((start + T + B) << q->cluster_bits > QCOW_MAX_HOST_OFFSET) {
+    ERR (q, "image is full: host offset limit reached");
+    return -ENOSPC;
+  }
+
+  uint64_t *tab = calloc (entries, 8);
+  if (!tab)
+    return -ENOMEM;
+  memcpy (tab, q->rct, q->rct_entries * 8);
+  r = cache_resize_slots (&q->rbc, entries);
+  if (r < 0) {
+    free (tab);
+    return r;
+  }
+  uint64_t old_off = q->h.refcount_table_offset;
+  uint32_t old_clusters = q->h.refcount_table_clusters;
+  free (q->rct);
+  q->rct = tab;
+  q->rct_entries = entries;
+  q->h.refcount_table_offset = start << q->cluster_bits;
+  q->h.refcount_table_clusters = T;
+  q->rct_dirty = true;
+
+  /* New refcount blocks after the table, one for each missing index. */
+  uint64_t next = start + T, end = start + T + B;
+  for (uint64_t i = start >> q->rb_bits; i <= (end - 1) >> q->rb_bits; i++) {
+    if (tab[i] != 0)
+      continue;
+    struct centry *e;
+    tab[i] = next << q->cluster_bits;
+    r = cache_get (q, &q->rbc, i, tab[i], true, &e);
+    if (r < 0)
+      return r;
+    next++;
+  }
+  for (uint64_t c = start; c < next; c++)
+    if ((r = rc_set (q, c, 1)) < 0)
+      return r;
+  if (next > q->frontier)
+    q->frontier = next;
+
+  /* Blocks and table durable, then the header, then free the old table. */
+  if ((r = cache_write_dirty (q, &q->rbc)) < 0)
+    return r;
+  uint8_t *buf = malloc (T * cs);
+  if (!buf)
+    return -ENOMEM;
+  for (uint64_t i = 0; i < entries; i++)
+    wr64 (buf + 8 * i, tab[i]);
+  r = io_pwrite (q, buf, T * cs, q->h.refcount_table_offset);
+  free (buf);
+  if (r < 0 || (r = io_sync (q)) < 0)
+    return r;
+  if ((r = header_write_fields (q, 48, 12)) < 0 || (r = io_sync (q)) < 0)
+    return r;
+  q->rct_dirty = false;
+  qcow_debugf ("%s: refcount table grown to %" PRIu64 " entries at 0x%" PRIx64,
+               q->filename, entries, q->h.refcount_table_offset);
+  return rc_free (q, old_off >> q->cluster_bits, old_clusters);
+}
+
+/* Make sure the refcount block covering CLUSTER exists.  A new block is
+ * placed at the first cluster of the range it describes (all of which is
+ * free, since no block counted it), so it describes itself. */
+static int
+ensure_block (struct qcow *q, uint64_t cluster, bool *created)
+{
+  uint64_t idx = cluster >> q->rb_bits;
+  int r;
+  *created = false;
+  if (idx >= q->rct_entries) {
+    if ((r = grow_rct (q, idx)) < 0)
+      return r;
+    *created = true;
+  }
+  if (q->rct[idx] != 0)
+    return 0;
+  uint64_t c = idx << q->rb_bits;
+  if (c == 0 || (c + 1) << q->cluster_bits > QCOW_MAX_HOST_OFFSET) {
+    ERR (q, "cannot place refcount block %" PRIu64, idx);
+    return -EIO;
+  }
+  struct centry *e;
+  q->rct[idx] = c << q->cluster_bits;
+  q->rct_dirty = true;
+  if ((r = cache_get (q, &q->rbc, idx, q->rct[idx], true, &e)) < 0) {
+    q->rct[idx] = 0;
+    return r;
+  }
+  rb_write (q->h.refcount_order, e->data, 0, 1);
+  if (c + 1 > q->frontier)
+    q->frontier = c + 1;
+  *created = true;
+  return 0;
+}
+
+/* Allocate up to N contiguous free clusters (at least one).  *FRESH says
+ * they were never used before (they read as zeros). */
+int
+rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fresh)
+{
+  int r;
+  for (;;) {
+    /* First free cluster at or after the hint. */
+    uint64_t c = q->free_hint;
+    for (;;) {
+      uint64_t idx = c >> q->rb_bits;
+      if (idx >= q->rct_entries || q->rct[idx] == 0)
+        break;                  /* whole block range free */
+      uint64_t rc;
+      if ((r = rc_get (q, c, &rc)) < 0)
+        return r;
+      if (rc == 0)
+        break;
+      c++;
+    }
+    q->free_hint = c;
+    uint64_t k = 1;
+    while (k < n) {
+      uint64_t rc;
+      if ((r = rc_get (q, c + k, &rc)) < 0)
+        return r;
+      if (rc)
+        break;
+      k++;
+    }
+    if ((c + k) << q->cluster_bits > QCOW_MAX_HOST_OFFSET) {
+      ERR (q, "image is full: host offset limit reached");
+      return -ENOSPC;
+    }
+    bool created = false;
+    for (uint64_t i = c >> q->rb_bits; i <= (c + k - 1) >> q->rb_bits; i++) {
+      if ((r = ensure_block (q, i << q->rb_bits, &created)) < 0)
+        return r;
+      if (created)
+        break;
+    }
+    if (created)
+      continue;                 /* the block took a cluster: look again */
+    for (uint64_t i = 0; i < k; i++)
+      if ((r = rc_set (q, c + i, 1)) < 0)
+        return r;
+    *fresh = c >= q->frontier;
+    if (c + k > q->frontier)
+      q->frontier = c + k;
+    q->free_hint = c + k;
+    q->stats.clusters_allocated += k;
+    *first = c;
+    *got = k;
+    return 0;
+  }
+}
+
+/* Drop one reference from each of N clusters. */
+int
+rc_free (struct qcow *q, uint64_t cluster, uint64_t n)
+{
+  for (uint64_t c = cluster; c < cluster + n; c++) {
+    uint64_t rc;
+    int r = rc_get (q, c, &rc);
+    if (r < 0)
+      return r;
+    if (rc == 0) {
+      ERR (q, "refcount of cluster 0x%" PRIx64 " would drop below zero",
+           c << q->cluster_bits);
+      return -EIO;
+    }
+    if ((r = rc_set (q, c, rc - 1)) < 0)
+      return r;
+    if (rc == 1 && c < q->free_hint)
+      q->free_hint = c;
+  }
+  return 0;
+}
+
+/* A reference to CLUSTER was removed in memory: drop its refcount only
+ * once the removal is durable (rc_apply_deferred, from flush). */
+void
+rc_defer_free (struct qcow *q, uint64_t cluster)
+{
+  if (q->npending == q->pending_cap) {
+    size_t cap = q->pending_cap ? q->pending_cap * 2 : 64;
+    uint64_t *p = realloc (q->pending_free, cap * sizeof *p);
+    if (!p) {
+      /* Out of memory: the cluster leaks (harmless, qemu-img check -r
+       * leaks reclaims it). */
+      return;
+    }
+    q->pending_free = p;
+    q->pending_cap = cap;
+  }
+  q->pending_free[q->npending++] = cluster;
+}
+
+int
+rc_apply_deferred (struct qcow *q)
+{
+  while (q->npending > 0) {
+    int r = rc_free (q, q->pending_free[q->npending - 1], 1);
+    if (r < 0)
+      return r;
+    q->npending--;
+  }
+  return 0;
+}
+
+/* ---- building a whole refcount structure ---- */
+
+/* Given COUNTS for host clusters [0, NCLUSTERS), place refcount blocks
+ * and a refcount table at NCLUSTERS onwards, write them (no sync), and
+ * return where the table is.  Used by create and by rebuild. */
+int
+rc_write_structure (int fd, const char *file, unsigned cluster_bits,
+                    unsigned order, const uint16_t *counts, uint64_t E,
+                    uint64_t *rct_offset, uint32_t *rct_clusters,
+                    uint64_t *new_end)
+{
+  const uint64_t cs = 1ULL << cluster_bits, epc = cs / 8;
+  const unsigned rb_bits = cluster_bits + 3 - order;
+  const uint64_t rbe = 1ULL << rb_bits;
+  const uint64_t max = order == 6 ? UINT64_MAX : (1ULL << (1u << order)) - 1;
+  uint64_t B = 0, T = 1, nidx = 0;
+  int r = 0;
+
+  /* Which block ranges below E hold a used cluster. */
+  uint64_t eidx = div_round_up (E, rbe);
+  bool *used = calloc (eidx + 1, 1);
+  if (!used)
+    return -ENOMEM;
+  for (uint64_t c = 0; c < E; c++)
+    if (counts[c]) {
+      if (counts[c] > max) {
+        qcow_errorf (file, "cluster 0x%" PRIx64 " has %u references, more "
+                     "than %u-bit refcounts can hold", c << cluster_bits,
+                     counts[c], 1u << order);
+        free (used);
+        return -EINVAL;
+      }
+      used[c >> rb_bits] = true;
+    }
+  for (int iter = 0; iter < 64; iter++) {
+    uint64_t total = E + B + T;
+    nidx = div_round_up (total, rbe);
+    uint64_t needed = 0;
+    for (uint64_t i = 0; i < nidx; i++)
+      needed += (i < eidx && used[i]) || ((i + 1) * rbe > E);
+    uint64_t T2 = div_round_up (nidx, epc);
+    if (needed <= B && T2 <= T)
+      break;
+    if (needed > B) B = needed;
+    if (T2 > T) T = T2;
+  }
+  if (T * cs > QCOW_MAX_RCT_BYTES) {
+    qcow_errorf (file, "image too large for a refcount table");
+    free (used);
+    return -EFBIG;
+  }
+
+  uint8_t *tab = calloc (T, cs), *blk = malloc (cs);
+  if (!tab || !blk) {
+    r = -ENOMEM;
+    goto out;
+  }
+  /* Blocks at E.., table right after the blocks actually used. */
+  uint64_t nblocks = 0;
+  for (uint64_t i = 0; i < nidx; i++)
+    nblocks += (i < eidx && used[i]) || ((i + 1) * rbe > E);
+  uint64_t tstart = E + nblocks, tend = tstart + T;
+  uint64_t next = E;
+  for (uint64_t i = 0; i < nidx; i++) {
+    if (!((i < eidx && used[i]) || ((i + 1) * rbe > E)))
+      continue;
+    memset (blk, 0, cs);
+    for (uint64_t j = 0; j < rbe; j++) {
+      uint64_t c = i * rbe + j, v;
+      if (c < E) v = counts[c];
+      else if (c < tend) v = 1;
+      else break;
+      if (v)
+        rb_write (order, blk, j, v);
+    }
+    wr64 (tab + 8 * i, next << cluster_bits);
+    if ((r = io_pwrite_fd (fd, file, blk, cs, next << cluster_bits)) < 0)
+      goto out;
+    next++;
+  }
+  if ((r = io_pwrite_fd (fd, file, tab, T * cs, tstart << cluster_bits)) < 0)
+    goto out;
+  *rct_offset = tstart << cluster_bits;
+  *rct_clusters = T;
+  *new_end = tend;
+ out:
+  free (used);
+  free (tab);
+  free (blk);
+  return r;
+}
+
+static int
+count_ref (struct qcow *q, uint16_t *counts, uint64_t E, uint64_t off,
+           uint64_t n, const char *what)
+{
+  uint64_t c = off >> q->cluster_bits;
+  if (off % q->cluster_size != 0 || c + n > E || c + n < c) {
+    ERR (q, "cannot rebuild refcounts: %s at 0x%" PRIx64 " is %s", what, off,
+         off % q->cluster_size ? "misaligned" : "beyond the end of the file");
+    return -EIO;
+  }
+  if (c == 0) {
+    ERR (q, "cannot rebuild refcounts: %s points into the header", what);
+    return -EIO;
+  }
+  for (uint64_t i = c; i < c + n; i++)
+    if (counts[i]++ == UINT16_MAX) {
+      ERR (q, "cannot rebuild refcounts: too many references to 0x%" PRIx64,
+           i << q->cluster_bits);
+      return -EIO;
+    }
+  return 0;
+}
+
+/* Recount every reference and write a fresh refcount structure past the
+ * end of the file.  Call with q->lock held and the L2 cache clean. */
+int
+rc_rebuild (struct qcow *q)
+{
+  const uint64_t cs = q->cluster_size;
+  uint64_t E = div_round_up (q->file_size, cs);
+  uint16_t *counts = calloc (E ? E : 1, sizeof *counts);
+  uint64_t *l2 = malloc (cs);
+  int r = -ENOMEM;
+  if (!counts || !l2)
+    goto out;
+  counts[0] = 1;                /* header */
+  if (q->h.l1_size &&
+      (r = count_ref (q, counts, E, q->h.l1_table_offset,
+                      div_round_up ((uint64_t) q->h.l1_size * 8, cs), "L1 table")) < 0)
+    goto out;
+  for (uint64_t i = 0; i < q->h.l1_size; i++) {
+    uint64_t l2off = q->l1[i] & L1_OFFSET_MASK;
+    if (!l2off)
+      continue;
+    if ((r = count_ref (q, counts, E, l2off, 1, "L2 table")) < 0)
+      goto out;
+    struct centry *e = cache_peek (&q->l2c, i);
+    if (e)
+      memcpy (l2, e->data, cs);
+    else if ((r = io_pread (q, l2, cs, l2off)) < 0)
+      goto out;
+    for (uint64_t j = 0; j < cs / 8; j++) {
+      uint64_t ent = be64toh (l2[j]);
+      if (ent & ENTRY_COMPRESSED) {
+        ERR (q, "cannot rebuild refcounts: compressed clusters are not supported yet");
+        r = -ENOTSUP;
+        goto out;
+      }
+      uint64_t off = ent & L2_OFFSET_MASK;
+      if (off && (r = count_ref (q, counts, E, off, 1, "data cluster")) < 0)
+        goto out;
+    }
+  }
+  uint64_t rct_off, new_end;
+  uint32_t rct_clusters;
+  r = rc_write_structure (q->fd, q->filename, q->cluster_bits,
+                          q->h.refcount_order, counts, E,
+                          &rct_off, &rct_clusters, &new_end);
+  if (r < 0 || (r = io_sync (q)) < 0)
+    goto out;
+
+  /* Switch to it in memory, then on disk. */
+  uint64_t entries = (uint64_t) rct_clusters * cs / 8;
+  uint64_t *tab = malloc (entries * 8);
+  if (!tab || (r = io_pread (q, tab, entries * 8, rct_off)) < 0) {
+    free (tab);
+    r = r < 0 ? r : -ENOMEM;
+    goto out;
+  }
+  for (uint64_t i = 0; i < entries; i++)
+    tab[i] = be64toh (tab[i]);
+  cache_drop_all (&q->rbc);
+  if ((r = cache_resize_slots (&q->rbc, entries)) < 0) {
+    free (tab);
+    goto out;
+  }
+  free (q->rct);
+  q->rct = tab;
+  q->rct_entries = entries;
+  q->rct_dirty = false;
+  q->h.refcount_table_offset = rct_off;
+  q->h.refcount_table_clusters = rct_clusters;
+  if ((r = header_write_fields (q, 48, 12)) < 0 || (r = io_sync (q)) < 0)
+    goto out;
+  q->free_hint = 1;
+  if (new_end > q->frontier)
+    q->frontier = new_end;
+  q->npending = 0;              /* recounted from the tables */
+  qcow_debugf ("%s: refcounts rebuilt (%" PRIu64 " clusters)", q->filename, E);
+ out:
+  free (counts);
+  free (l2);
+  return r;
+}

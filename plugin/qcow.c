@@ -1,0 +1,291 @@
+/* nbdkit-qcow-plugin: the nbdkit shim.  It only translates: parameters to
+ * the core's config, callbacks to core calls, -errno to nbdkit errors. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "qcow.h"
+
+/* -D qcow.verbose=1 */
+NBDKIT_DLL_PUBLIC int qcow_debug_verbose = 0;
+
+static char *filename;                  /* file= */
+static int create_mode;                 /* 0, 1 = create=true, 2 = create=force */
+static int64_t create_size = -1;        /* size= */
+static int64_t cluster_size = 65536;    /* cluster-size= */
+static int lazy_refcounts = 1;          /* lazy-refcounts= */
+static struct qcow_config config;
+static struct qcow *image;              /* one image shared by every connection */
+
+static void error_handler (const char *msg) { nbdkit_error ("%s", msg); }
+static void debug_handler (const char *msg)
+{
+  if (qcow_debug_verbose)
+    nbdkit_debug ("%s", msg);
+}
+
+static void
+qcow_load (void)
+{
+  qcow_config_default (&config);
+  qcow_set_error_handler (error_handler);
+  qcow_set_debug_handler (debug_handler);
+}
+
+static void
+qcow_unload (void)
+{
+  if (image)
+    qcow_disconnect (image);
+  image = NULL;
+  free (filename);
+}
+
+static int
+qcow_config_key (const char *key, const char *value)
+{
+  int b;
+  if (strcmp (key, "file") == 0) {
+    free (filename);
+    filename = NULL;
+    if (access (value, F_OK) == 0)
+      filename = nbdkit_realpath (value);
+    else if (value[0] == '/')         /* create=true: need not exist yet */
+      filename = strdup (value);
+    else {
+      char *cwd = get_current_dir_name ();
+      if (cwd && asprintf (&filename, "%s/%s", cwd, value) == -1)
+        filename = NULL;
+      free (cwd);
+    }
+    if (!filename) {
+      nbdkit_error ("%s: %m", value);
+      return -1;
+    }
+  }
+  else if (strcmp (key, "create") == 0) {
+    if (strcmp (value, "force") == 0)
+      create_mode = 2;
+    else if ((b = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    else
+      create_mode = b;
+  }
+  else if (strcmp (key, "size") == 0) {
+    if ((create_size = nbdkit_parse_size (value)) == -1)
+      return -1;
+  }
+  else if (strcmp (key, "cluster-size") == 0) {
+    cluster_size = nbdkit_parse_size (value);
+    if (cluster_size == -1)
+      return -1;
+    if (cluster_size < 512 || cluster_size > 2 * 1024 * 1024 ||
+        (cluster_size & (cluster_size - 1)) != 0) {
+      nbdkit_error ("cluster-size must be a power of 2 between 512 and 2M");
+      return -1;
+    }
+  }
+  else if (strcmp (key, "lazy-refcounts") == 0) {
+    if ((lazy_refcounts = nbdkit_parse_bool (value)) == -1)
+      return -1;
+  }
+  else if (strcmp (key, "discard") == 0) {
+    if ((b = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    config.discard = b;
+  }
+  else {
+    nbdkit_error ("unknown parameter '%s'", key);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qcow_config_complete (void)
+{
+  if (!filename) {
+    nbdkit_error ("you must supply the file=<FILENAME> parameter");
+    return -1;
+  }
+  if (create_mode) {
+    if (create_size < 0) {
+      nbdkit_error ("create=%s needs size=SIZE", create_mode == 2 ? "force" : "true");
+      return -1;
+    }
+    struct qcow_create_opts o;
+    qcow_create_opts_default (&o);
+    o.size = create_size;
+    o.cluster_bits = __builtin_ctzll (cluster_size);
+    o.lazy_refcounts = lazy_refcounts;
+    if (qcow_create (filename, &o, create_mode == 2) < 0)
+      return -1;
+    char *real = nbdkit_realpath (filename);
+    if (!real)
+      return -1;
+    free (filename);
+    filename = real;
+  }
+  else if (create_size >= 0) {
+    nbdkit_error ("size= is only used with create=true");
+    return -1;
+  }
+  return 0;
+}
+
+#define qcow_config_help \
+  "[file=]<FILENAME>     (required) The qcow2 image to serve.\n" \
+  "create=true|force     Create the image first (force: overwrite).\n" \
+  "size=<SIZE>           Virtual size of the new image (with create=).\n" \
+  "cluster-size=<SIZE>   Cluster size of the new image (default 64K).\n" \
+  "lazy-refcounts=BOOL   Lazy refcounts in the new image (default true).\n" \
+  "discard=BOOL          Honour trim requests (default true)."
+
+/* Open and validate the image before the first client: a bad image stops
+ * nbdkit at start-up.  It is opened writable if the file allows, but
+ * nothing is written until a client writes (so -r never modifies it). */
+static int
+qcow_get_ready (void)
+{
+  if (qcow_connect (filename, &config, &image) < 0)
+    return -1;
+  struct qcow_info info;
+  qcow_get_info (image, &info);
+  struct qcow_header h;
+  qcow_get_header (image, &h);
+  if (h.incompatible_features & QCOW_INCOMPAT_CORRUPT)
+    nbdkit_error ("%s: image is marked corrupt: serving it read-only", filename);
+  nbdkit_debug ("%s: qcow2 v%u, %" PRIu64 " bytes, %u-byte clusters, %s",
+                filename, h.version, info.size, info.cluster_size,
+                info.read_write ? "read-write" : "read-only");
+  return 0;
+}
+
+static void
+qcow_dump_plugin (void)
+{
+  printf ("qcow_version=%s\n", QCOW_LIB_VERSION);
+  printf ("qcow_formats=qcow2-v2,qcow2-v3\n");
+  printf ("qcow_cluster_sizes=512-2M\n");
+  printf ("qcow_refcount_bits=1,2,4,8,16,32,64\n");
+  printf ("qcow_features=lazy-refcounts,dirty-bit,corrupt-bit,zero-clusters,"
+          "extents,fua,multi-conn,create\n");
+}
+
+static void *
+qcow_open (int readonly)
+{
+  return image;                 /* the shared image is the handle */
+}
+
+static int64_t
+qcow_get_size (void *handle)
+{
+  struct qcow_info info;
+  qcow_get_info (image, &info);
+  return info.size;
+}
+
+static int
+qcow_can_write (void *handle)
+{
+  struct qcow_info info;
+  qcow_get_info (image, &info);
+  return info.read_write;
+}
+
+static int qcow_can_multi_conn (void *handle) { return 1; }
+static int qcow_can_flush (void *handle) { return 1; }
+static int qcow_can_fua (void *handle) { return NBDKIT_FUA_NATIVE; }
+static int qcow_can_extents (void *handle) { return 1; }
+
+/* Core errors are -errno; the message has already gone to nbdkit_error. */
+static int
+ret (int r)
+{
+  if (r >= 0)
+    return 0;
+  nbdkit_set_error (-r);
+  return -1;
+}
+
+static int
+qcow_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
+            uint32_t flags)
+{
+  return ret (qcow_read (image, buf, count, offset));
+}
+
+static int
+qcow_pwrite (void *handle, const void *buf, uint32_t count, uint64_t offset,
+             uint32_t flags)
+{
+  return ret (qcow_write (image, buf, count, offset,
+                          flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0));
+}
+
+static int
+qcow_flush_cb (void *handle, uint32_t flags)
+{
+  return ret (qcow_flush (image));
+}
+
+static int
+qcow_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
+              struct nbdkit_extents *extents)
+{
+  uint64_t end = offset + count;
+  while (offset < end) {
+    uint64_t len;
+    unsigned f;
+    int r = qcow_map (image, offset, end - offset, &len, &f);
+    if (r < 0)
+      return ret (r);
+    uint32_t type = (f & QCOW_EXTENT_HOLE ? NBDKIT_EXTENT_HOLE : 0) |
+                    (f & QCOW_EXTENT_ZERO ? NBDKIT_EXTENT_ZERO : 0);
+    if (nbdkit_add_extent (extents, offset, len, type) == -1)
+      return -1;
+    offset += len;
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      break;
+  }
+  return 0;
+}
+
+static struct nbdkit_plugin plugin = {
+  .name              = "qcow",
+  .longname          = "nbdkit qcow2 plugin",
+  .version           = QCOW_LIB_VERSION,
+  .description       = "Serve a qcow2 disk image read-write",
+  .load              = qcow_load,
+  .unload            = qcow_unload,
+  .config            = qcow_config_key,
+  .config_complete   = qcow_config_complete,
+  .config_help       = qcow_config_help,
+  .magic_config_key  = "file",
+  .get_ready         = qcow_get_ready,
+  .dump_plugin       = qcow_dump_plugin,
+  .open              = qcow_open,
+  .get_size          = qcow_get_size,
+  .can_write         = qcow_can_write,
+  .can_multi_conn    = qcow_can_multi_conn,
+  .can_flush         = qcow_can_flush,
+  .can_fua           = qcow_can_fua,
+  .can_extents       = qcow_can_extents,
+  .pread             = qcow_pread,
+  .pwrite            = qcow_pwrite,
+  .flush             = qcow_flush_cb,
+  .extents           = qcow_extents,
+  .errno_is_preserved = 0,
+};
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+NBDKIT_REGISTER_PLUGIN (plugin)
