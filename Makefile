@@ -10,7 +10,7 @@ CC      ?= cc
 PREFIX  ?= /usr/local
 SANITIZE ?=
 CFLAGS_BASE = -std=gnu11 -O2 -g -fPIC -pthread -Wall -Wextra -Werror \
-              -Wno-unused-parameter -D_GNU_SOURCE -Icore
+              -D_GNU_SOURCE -Icore
 ifeq ($(SANITIZE),1)
 O       := build-san
 CFLAGS_BASE += -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \

@@ -31,7 +31,7 @@ image_feature_name (const uint8_t *table, uint32_t len, int type, int bit,
 }
 
 const char *
-feature_name (struct qcow *q, int type, int bit)
+qcow_feature_name (int type, int bit)
 {
   for (size_t i = 0; i < sizeof known_features / sizeof known_features[0]; i++)
     if (known_features[i].type == type && known_features[i].bit == bit)

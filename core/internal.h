@@ -139,7 +139,6 @@ int header_write_fields (struct qcow *q, unsigned off, unsigned len);
 int header_set_incompat (struct qcow *q, uint64_t incompat);
 size_t header_build (uint8_t *buf, size_t bufsize, const struct qcow_create_opts *o,
                      uint64_t l1_offset, uint32_t l1_size);
-const char *feature_name (struct qcow *q, int type, int bit);
 
 /* ---- cache.c ---- */
 void cache_init (struct cache *c, const char *what, size_t max);

@@ -97,6 +97,9 @@ struct qcow_header {
   char backing_format[64];     /* "" if not recorded */
 };
 void qcow_get_header (struct qcow *q, struct qcow_header *h);
+/* Name of a feature bit (TYPE 0 incompatible, 1 compatible, 2 autoclear),
+ * or NULL if unknown. */
+const char *qcow_feature_name (int type, int bit);
 void qcow_to_config (struct qcow *q, struct qcow_config *cfg);
 const char *qcow_filename (struct qcow *q);
 

@@ -14,6 +14,9 @@
 
 #include "qcow.h"
 
+/* Every connection uses the one shared image, so handles go unused. */
+#define UNUSED __attribute__ ((unused))
+
 /* -D qcow.verbose=1 */
 NBDKIT_DLL_PUBLIC int qcow_debug_verbose = 0;
 
@@ -181,13 +184,13 @@ qcow_dump_plugin (void)
 }
 
 static void *
-qcow_open (int readonly)
+qcow_open (int readonly UNUSED)
 {
   return image;                 /* the shared image is the handle */
 }
 
 static int64_t
-qcow_get_size (void *handle)
+qcow_get_size (void *handle UNUSED)
 {
   struct qcow_info info;
   qcow_get_info (image, &info);
@@ -195,17 +198,17 @@ qcow_get_size (void *handle)
 }
 
 static int
-qcow_can_write (void *handle)
+qcow_can_write (void *handle UNUSED)
 {
   struct qcow_info info;
   qcow_get_info (image, &info);
   return info.read_write;
 }
 
-static int qcow_can_multi_conn (void *handle) { return 1; }
-static int qcow_can_flush (void *handle) { return 1; }
-static int qcow_can_fua (void *handle) { return NBDKIT_FUA_NATIVE; }
-static int qcow_can_extents (void *handle) { return 1; }
+static int qcow_can_multi_conn (void *handle UNUSED) { return 1; }
+static int qcow_can_flush (void *handle UNUSED) { return 1; }
+static int qcow_can_fua (void *handle UNUSED) { return NBDKIT_FUA_NATIVE; }
+static int qcow_can_extents (void *handle UNUSED) { return 1; }
 
 /* Core errors are -errno; the message has already gone to nbdkit_error. */
 static int
@@ -218,14 +221,14 @@ ret (int r)
 }
 
 static int
-qcow_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
-            uint32_t flags)
+qcow_pread (void *handle UNUSED, void *buf, uint32_t count, uint64_t offset,
+            uint32_t flags UNUSED)
 {
   return ret (qcow_read (image, buf, count, offset));
 }
 
 static int
-qcow_pwrite (void *handle, const void *buf, uint32_t count, uint64_t offset,
+qcow_pwrite (void *handle UNUSED, const void *buf, uint32_t count, uint64_t offset,
              uint32_t flags)
 {
   return ret (qcow_write (image, buf, count, offset,
@@ -233,13 +236,13 @@ qcow_pwrite (void *handle, const void *buf, uint32_t count, uint64_t offset,
 }
 
 static int
-qcow_flush_cb (void *handle, uint32_t flags)
+qcow_flush_cb (void *handle UNUSED, uint32_t flags UNUSED)
 {
   return ret (qcow_flush (image));
 }
 
 static int
-qcow_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
+qcow_extents (void *handle UNUSED, uint32_t count, uint64_t offset, uint32_t flags,
               struct nbdkit_extents *extents)
 {
   uint64_t end = offset + count;
