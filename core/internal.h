@@ -125,6 +125,12 @@ void qcow_errorf (const char *file, const char *fmt, ...)
 void qcow_debugf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
 #define ERR(q, ...) qcow_errorf ((q)->filename, __VA_ARGS__)
 
+/* ---- qcow.c ---- */
+int check_range (struct qcow *q, size_t count, uint64_t offset);
+int begin_modify (struct qcow *q);
+int flush_all (struct qcow *q);
+struct inflight *inflight_find (struct qcow *q, uint64_t gc);
+
 /* ---- io.c ---- */
 int io_pread (struct qcow *q, void *buf, size_t count, uint64_t offset);
 int io_pread_fd (int fd, const char *file, void *buf, size_t count, uint64_t offset, bool zero_past_eof);
@@ -132,6 +138,7 @@ int io_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
 int io_pwrite_fd (int fd, const char *file, const void *buf, size_t count, uint64_t offset);
 int io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
 int io_sync (struct qcow *q);
+int io_punch (struct qcow *q, uint64_t offset, uint64_t len);
 
 /* ---- header.c ---- */
 int header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size);

@@ -1,4 +1,5 @@
 /* io.c - the file backend: complete pread/pwrite loops and fdatasync. */
+#include <fcntl.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <sys/uio.h>
@@ -117,5 +118,15 @@ io_sync (struct qcow *q)
     ERR (q, "fdatasync: %s", strerror (e));
     return -e;
   }
+  return 0;
+}
+
+/* Give a freed range back to the file system; best effort. */
+int
+io_punch (struct qcow *q, uint64_t offset, uint64_t len)
+{
+  if (fallocate (q->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 (off_t) offset, (off_t) len) == -1)
+    return -errno;
   return 0;
 }

@@ -286,7 +286,7 @@ qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
 
 /* Before the first change: repair a dirty image, clear autoclear bits we
  * do not maintain, and with lazy refcounts set the dirty bit. */
-static int
+int
 begin_modify (struct qcow *q)
 {
   int r;
@@ -323,7 +323,7 @@ begin_modify (struct qcow *q)
 }
 
 /* Metadata out, deferred frees applied, everything durable. */
-static int
+int
 flush_all (struct qcow *q)
 {
   int r;
@@ -413,7 +413,7 @@ qcow_get_stats (struct qcow *q, struct qcow_stats *st)
   pthread_mutex_unlock (&q->lock);
 }
 
-static int
+int
 check_range (struct qcow *q, size_t count, uint64_t offset)
 {
   if (offset > q->h.size || count > q->h.size - offset) {
@@ -480,7 +480,7 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
 }
 
 /* ---- write ---- */
-static struct inflight *
+struct inflight *
 inflight_find (struct qcow *q, uint64_t gc)
 {
   for (struct inflight *f = q->inflight; f; f = f->next)

@@ -109,6 +109,19 @@ int qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset);
 int qcow_write (struct qcow *q, const void *buf, size_t count,
                 uint64_t offset, unsigned flags);
 
+/* Space.  Discard (trim) unlinks the clusters wholly inside the range and
+ * gives their space back once the unlink is durable; partial clusters are
+ * left alone (the OCaml library's `discard`).  Zero makes the range read
+ * as zeros: metadata only for whole clusters (the zero flag, or unlinking
+ * them with QCOW_MAY_TRIM), writes only for partial edges.  Neither
+ * syncs unless QCOW_FUA. */
+#define QCOW_MAY_TRIM  2u      /* zero: the clusters may be deallocated */
+#define QCOW_FAST_ZERO 4u      /* zero: fail with -ENOTSUP rather than write */
+int qcow_discard (struct qcow *q, uint64_t count, uint64_t offset,
+                  unsigned flags);
+int qcow_zero (struct qcow *q, uint64_t count, uint64_t offset,
+               unsigned flags);
+
 /* Make every completed write durable, metadata included. */
 int qcow_flush (struct qcow *q);
 
@@ -137,6 +150,10 @@ struct qcow_stats {
   uint64_t clusters_allocated;     /* data and table clusters allocated */
   uint64_t l2_cache_hits, l2_cache_misses;
   uint64_t metadata_writes;        /* metadata clusters written back */
+  uint64_t discarded;              /* clusters unlinked by discard */
+  uint64_t erased;                 /* clusters zeroed by write-zeroes */
+  uint64_t freed;                  /* host clusters whose refcount hit 0 */
+  uint64_t bytes_punched;          /* given back with FALLOC_FL_PUNCH_HOLE */
 };
 void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
 

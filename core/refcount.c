@@ -349,14 +349,25 @@ rc_defer_free (struct qcow *q, uint64_t cluster)
   q->pending_free[q->npending++] = cluster;
 }
 
+/* Drop the deferred references (their unlinking is durable) and punch
+ * the clusters that became free out of the file. */
 int
 rc_apply_deferred (struct qcow *q)
 {
   while (q->npending > 0) {
-    int r = rc_free (q, q->pending_free[q->npending - 1], 1);
+    uint64_t c = q->pending_free[q->npending - 1], rc;
+    int r = rc_free (q, c, 1);
+    if (r == 0)
+      r = rc_get (q, c, &rc);
     if (r < 0)
       return r;
     q->npending--;
+    if (rc == 0) {
+      q->stats.freed++;
+      if (q->cfg.discard &&
+          io_punch (q, c << q->cluster_bits, q->cluster_size) == 0)
+        q->stats.bytes_punched += q->cluster_size;
+    }
   }
   return 0;
 }

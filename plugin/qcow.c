@@ -17,8 +17,9 @@
 /* Every connection uses the one shared image, so handles go unused. */
 #define UNUSED __attribute__ ((unused))
 
-/* -D qcow.verbose=1 */
+/* -D qcow.verbose=1: core debug messages; -D qcow.stats=1: stats at exit */
 NBDKIT_DLL_PUBLIC int qcow_debug_verbose = 0;
+NBDKIT_DLL_PUBLIC int qcow_debug_stats = 0;
 
 static char *filename;                  /* file= */
 static int create_mode;                 /* 0, 1 = create=true, 2 = create=force */
@@ -44,8 +45,25 @@ qcow_load (void)
 }
 
 static void
+print_stats (void)
+{
+  struct qcow_stats st;
+  qcow_get_stats (image, &st);
+  nbdkit_debug ("stats: reads=%" PRIu64 " writes=%" PRIu64 " flushes=%" PRIu64
+                " clusters_allocated=%" PRIu64 " discarded=%" PRIu64
+                " erased=%" PRIu64 " freed=%" PRIu64 " bytes_punched=%" PRIu64
+                " l2_cache_hits=%" PRIu64 " l2_cache_misses=%" PRIu64
+                " metadata_writes=%" PRIu64,
+                st.reads, st.writes, st.flushes, st.clusters_allocated,
+                st.discarded, st.erased, st.freed, st.bytes_punched,
+                st.l2_cache_hits, st.l2_cache_misses, st.metadata_writes);
+}
+
+static void
 qcow_unload (void)
 {
+  if (image && qcow_debug_stats)
+    print_stats ();
   if (image)
     qcow_disconnect (image);
   image = NULL;
@@ -180,7 +198,7 @@ qcow_dump_plugin (void)
   printf ("qcow_cluster_sizes=512-2M\n");
   printf ("qcow_refcount_bits=1,2,4,8,16,32,64\n");
   printf ("qcow_features=lazy-refcounts,dirty-bit,corrupt-bit,zero-clusters,"
-          "extents,fua,multi-conn,create\n");
+          "extents,fua,multi-conn,trim,zero,fast-zero,create\n");
 }
 
 static void *
@@ -209,6 +227,9 @@ static int qcow_can_multi_conn (void *handle UNUSED) { return 1; }
 static int qcow_can_flush (void *handle UNUSED) { return 1; }
 static int qcow_can_fua (void *handle UNUSED) { return NBDKIT_FUA_NATIVE; }
 static int qcow_can_extents (void *handle UNUSED) { return 1; }
+static int qcow_can_trim (void *handle UNUSED) { return 1; }
+static int qcow_can_zero (void *handle UNUSED) { return 1; }
+static int qcow_can_fast_zero (void *handle UNUSED) { return 1; }
 
 /* Core errors are -errno; the message has already gone to nbdkit_error. */
 static int
@@ -233,6 +254,23 @@ qcow_pwrite (void *handle UNUSED, const void *buf, uint32_t count, uint64_t offs
 {
   return ret (qcow_write (image, buf, count, offset,
                           flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0));
+}
+
+static int
+qcow_trim (void *handle UNUSED, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  return ret (qcow_discard (image, count, offset,
+                            flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0));
+}
+
+static int
+qcow_zero_cb (void *handle UNUSED, uint32_t count, uint64_t offset,
+              uint32_t flags)
+{
+  unsigned f = (flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0) |
+               (flags & NBDKIT_FLAG_MAY_TRIM ? QCOW_MAY_TRIM : 0) |
+               (flags & NBDKIT_FLAG_FAST_ZERO ? QCOW_FAST_ZERO : 0);
+  return ret (qcow_zero (image, count, offset, f));
 }
 
 static int
@@ -283,9 +321,14 @@ static struct nbdkit_plugin plugin = {
   .can_flush         = qcow_can_flush,
   .can_fua           = qcow_can_fua,
   .can_extents       = qcow_can_extents,
+  .can_trim          = qcow_can_trim,
+  .can_zero          = qcow_can_zero,
+  .can_fast_zero     = qcow_can_fast_zero,
   .pread             = qcow_pread,
   .pwrite            = qcow_pwrite,
   .flush             = qcow_flush_cb,
+  .trim              = qcow_trim,
+  .zero              = qcow_zero_cb,
   .extents           = qcow_extents,
   .errno_is_preserved = 0,
 };

@@ -1,0 +1,165 @@
+/* discard.c - giving space back: discard (trim) and write-zeroes. */
+#include <stdlib.h>
+
+#include "internal.h"
+
+enum clear_mode {
+  CLEAR_UNLINK,      /* unallocated (reads as zeros: there is no backing) */
+  CLEAR_ZERO_KEEP,   /* reads as zeros, host cluster kept (v3 zero flag) */
+};
+
+/* Make whole guest cluster GC read as zeros.  With q->lock held.  Sets
+ * *WRITE_HOST when the zeros must be written (v2 has no zero flag). */
+static int
+clear_cluster (struct qcow *q, uint64_t gc, enum clear_mode mode,
+               uint64_t *write_host)
+{
+  struct cmap m;
+  int r = l2_lookup (q, gc, &m);
+  *write_host = 0;
+  if (r < 0)
+    return r;
+  switch (m.kind) {
+  case C_UNALLOC:
+  case C_ZERO:
+    return 0;                   /* already reads as zeros */
+  case C_COMPRESSED:
+    ERR (q, "guest offset 0x%" PRIx64 " is stored in a compressed cluster: "
+         "compressed clusters are not supported yet", gc << q->cluster_bits);
+    return -ENOTSUP;
+  case C_ZERO_ALLOC:
+    if (mode == CLEAR_ZERO_KEEP)
+      return 0;
+    break;
+  case C_DATA:
+    if (mode == CLEAR_ZERO_KEEP) {
+      if (q->h.version >= 3)
+        return l2_set (q, gc, m.host | ENTRY_ZERO | (m.copied ? ENTRY_COPIED : 0));
+      *write_host = m.host;
+      return 0;
+    }
+    break;
+  }
+  /* Unlink, and drop the reference once the unlink is durable. */
+  if ((r = l2_set (q, gc, 0)) < 0)
+    return r;
+  rc_defer_free (q, m.host >> q->cluster_bits);
+  return 0;
+}
+
+/* Apply MODE to the whole clusters inside [offset, offset+count); return
+ * in *HEAD / *TAIL the partial edges left over. */
+static int
+clear_range (struct qcow *q, uint64_t count, uint64_t offset,
+             enum clear_mode mode, bool fast, uint64_t *nclusters)
+{
+  const uint64_t cs = q->cluster_size;
+  uint64_t first = div_round_up (offset, cs), end = (offset + count) / cs;
+  int r = 0;
+  *nclusters = 0;
+  pthread_mutex_lock (&q->lock);
+  r = begin_modify (q);
+  if (r == 0 && fast && mode == CLEAR_ZERO_KEEP && q->h.version < 3) {
+    /* No zero flag: zeroing allocated clusters means writing.  Say so
+     * before changing anything. */
+    for (uint64_t gc = first; r == 0 && gc < end; gc++) {
+      struct cmap m;
+      if ((r = l2_lookup (q, gc, &m)) == 0 && m.kind == C_DATA)
+        r = -ENOTSUP;
+    }
+  }
+  for (uint64_t gc = first; r == 0 && gc < end; gc++) {
+    if (inflight_find (q, gc)) {          /* wait for the allocation */
+      pthread_cond_wait (&q->alloc_cond, &q->lock);
+      gc--;
+      continue;
+    }
+    uint64_t host;
+    r = clear_cluster (q, gc, mode, &host);
+    if (r == 0 && host) {
+      if (fast) {
+        r = -ENOTSUP;
+        break;
+      }
+      pthread_mutex_unlock (&q->lock);
+      r = io_pwrite (q, q->zero_cluster, cs, host);
+      pthread_mutex_lock (&q->lock);
+    }
+    if (r == 0)
+      (*nclusters)++;
+  }
+  pthread_mutex_unlock (&q->lock);
+  return r;
+}
+
+int
+qcow_discard (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
+{
+  int r = check_range (q, count, offset);
+  if (r < 0 || !q->cfg.discard)
+    return r;
+  if (q->read_only) {
+    ERR (q, "image is open read-only");
+    return -EROFS;
+  }
+  uint64_t n;
+  pthread_rwlock_rdlock (&q->io_lock);
+  r = clear_range (q, count, offset, CLEAR_UNLINK, false, &n);
+  pthread_rwlock_unlock (&q->io_lock);
+  __atomic_add_fetch (&q->stats.discarded, n, __ATOMIC_RELAXED);
+  if (r == 0 && (flags & QCOW_FUA))
+    r = flush_all (q);
+  return r == -ENOTSUP ? -EIO : r;
+}
+
+/* Write zeros over [offset, offset+count) inside one cluster, unless it
+ * already reads as zeros. */
+static int
+zero_partial (struct qcow *q, uint64_t count, uint64_t offset)
+{
+  struct cmap m;
+  pthread_mutex_lock (&q->lock);
+  int r = l2_lookup (q, offset >> q->cluster_bits, &m);
+  bool in_flight = inflight_find (q, offset >> q->cluster_bits) != NULL;
+  pthread_mutex_unlock (&q->lock);
+  if (r < 0)
+    return r;
+  if (!in_flight && (m.kind == C_UNALLOC || m.kind == C_ZERO ||
+                     m.kind == C_ZERO_ALLOC))
+    return 0;
+  return qcow_write (q, q->zero_cluster, count, offset, 0);
+}
+
+int
+qcow_zero (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
+{
+  int r = check_range (q, count, offset);
+  if (r < 0)
+    return r;
+  if (q->read_only) {
+    ERR (q, "image is open read-only");
+    return -EROFS;
+  }
+  const uint64_t cs = q->cluster_size;
+  uint64_t head_end = (offset + cs - 1) & ~(cs - 1), tail_start = (offset + count) & ~(cs - 1);
+  if (head_end > offset + count)
+    head_end = offset + count;
+  if (tail_start < head_end)
+    tail_start = head_end;
+  /* Partial edges first: a byte write each. */
+  if (head_end > offset && (r = zero_partial (q, head_end - offset, offset)) < 0)
+    return r;
+  if (offset + count > tail_start &&
+      (r = zero_partial (q, offset + count - tail_start, tail_start)) < 0)
+    return r;
+  uint64_t n;
+  enum clear_mode mode = (flags & QCOW_MAY_TRIM) && q->cfg.discard
+    ? CLEAR_UNLINK : CLEAR_ZERO_KEEP;
+  pthread_rwlock_rdlock (&q->io_lock);
+  r = clear_range (q, count, offset, mode, flags & QCOW_FAST_ZERO, &n);
+  pthread_rwlock_unlock (&q->io_lock);
+  __atomic_add_fetch (&q->stats.erased, n, __ATOMIC_RELAXED);
+  if (r == 0 && (flags & QCOW_FUA))
+    r = flush_all (q);
+  return r == -ENOTSUP && !(flags & QCOW_FAST_ZERO) ? -EIO : r;
+}
