@@ -95,6 +95,11 @@ struct qcow {
   pthread_mutex_t lock;    /* guards everything below */
   pthread_cond_t alloc_cond;
   pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
+  pthread_mutex_t compact_lock;  /* one compaction at a time */
+  pthread_t bg_thread;     /* background compaction */
+  bool bg_running, bg_stop;
+  pthread_cond_t bg_cond;
+  uint64_t bg_freed_mark;  /* stats.freed at the last compaction */
 
   uint64_t *l1;            /* active L1, host-endian; l1_size entries */
   uint64_t l1_dirty_lo, l1_dirty_hi;   /* dirty index range [lo, hi) */

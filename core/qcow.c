@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -148,6 +149,13 @@ qcow_create (const char *path, const struct qcow_create_opts *o, bool overwrite)
 static void
 qcow_free (struct qcow *q)
 {
+  if (q->bg_running) {
+    pthread_mutex_lock (&q->lock);
+    q->bg_stop = true;
+    pthread_cond_broadcast (&q->bg_cond);
+    pthread_mutex_unlock (&q->lock);
+    pthread_join (q->bg_thread, NULL);
+  }
   cache_free (&q->l2c);
   cache_free (&q->rbc);
   if (q->fd >= 0)
@@ -155,6 +163,8 @@ qcow_free (struct qcow *q)
   pthread_mutex_destroy (&q->lock);
   pthread_cond_destroy (&q->alloc_cond);
   pthread_rwlock_destroy (&q->io_lock);
+  pthread_mutex_destroy (&q->compact_lock);
+  pthread_cond_destroy (&q->bg_cond);
   free (q->l1);
   free (q->rct);
   free (q->pending_free);
@@ -194,6 +204,8 @@ qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
   q->fd = -1;
   pthread_mutex_init (&q->lock, NULL);
   pthread_cond_init (&q->alloc_cond, NULL);
+  pthread_mutex_init (&q->compact_lock, NULL);
+  pthread_cond_init (&q->bg_cond, NULL);
   pthread_rwlockattr_t attr;
   pthread_rwlockattr_init (&attr);
   pthread_rwlockattr_setkind_np (&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -364,10 +376,62 @@ qcow_flush (struct qcow *q)
   return flush_all (q);
 }
 
+/* Background compaction: once compact_after_unmaps bytes were freed
+ * (or are waiting to be), compact. */
+static void *
+bg_main (void *arg)
+{
+  struct qcow *q = arg;
+  pthread_mutex_lock (&q->lock);
+  while (!q->bg_stop) {
+    struct timespec ts;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    ts.tv_sec += 1;
+    pthread_cond_timedwait (&q->bg_cond, &q->lock, &ts);
+    uint64_t freed = (q->stats.freed - q->bg_freed_mark + q->npending) * q->cluster_size;
+    if (q->bg_stop || freed < q->cfg.compact_after_unmaps)
+      continue;
+    pthread_mutex_unlock (&q->lock);
+    struct qcow_compact_result res;
+    int r = qcow_compact (q, NULL, NULL, &res);
+    pthread_mutex_lock (&q->lock);
+    q->bg_freed_mark = q->stats.freed;
+    q->stats.compactions++;
+    qcow_debugf ("%s: background compaction: %s, %" PRIu64 " references "
+                 "updated, file %" PRIu64 " -> %" PRIu64 " bytes", q->filename,
+                 r == 0 ? "done" : "failed", res.refs_updated,
+                 res.old_size * 512, res.new_size * 512);
+  }
+  pthread_mutex_unlock (&q->lock);
+  return NULL;
+}
+
+int
+qcow_start_background (struct qcow *q)
+{
+  if (q->read_only || q->cfg.compact_after_unmaps == 0 || q->bg_running)
+    return 0;
+  int e = pthread_create (&q->bg_thread, NULL, bg_main, q);
+  if (e) {
+    ERR (q, "cannot start the compaction thread: %s", strerror (e));
+    return -e;
+  }
+  q->bg_running = true;
+  return 0;
+}
+
 int
 qcow_disconnect (struct qcow *q)
 {
   int r = 0;
+  if (q->bg_running) {
+    pthread_mutex_lock (&q->lock);
+    q->bg_stop = true;
+    pthread_cond_broadcast (&q->bg_cond);
+    pthread_mutex_unlock (&q->lock);
+    pthread_join (q->bg_thread, NULL);
+    q->bg_running = false;
+  }
   if (q->modified) {
     r = flush_all (q);
     pthread_mutex_lock (&q->lock);
@@ -590,6 +654,11 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
     struct cmap m, m2;
     if ((r = l2_lookup (q, gc, &m)) < 0)
       break;
+    if (inflight_find (q, gc)) {
+      /* Being allocated or moved: look again once that is done. */
+      pthread_cond_wait (&q->alloc_cond, &q->lock);
+      continue;
+    }
     if (m.kind == C_DATA && !m.copied) {
       uint64_t rc;
       if ((r = rc_get (q, m.host >> q->cluster_bits, &rc)) < 0)
@@ -611,7 +680,8 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
         if ((r = l2_lookup (q, gc + div_round_up (in + len, cs), &m2)) < 0)
           break;
         if (m2.kind != C_DATA || !m2.copied ||
-            m2.host != m.host + ((in + len) & ~(cs - 1)))
+            m2.host != m.host + ((in + len) & ~(cs - 1)) ||
+            inflight_find (q, gc + div_round_up (in + len, cs)))
           break;
         len += cs < count - len ? cs : count - len;
       }
@@ -625,10 +695,6 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
       ERR (q, "guest offset 0x%" PRIx64 " is stored in a compressed cluster: "
            "compressed clusters are not supported yet", offset);
       r = -ENOTSUP;
-    }
-    else if (inflight_find (q, gc)) {
-      pthread_cond_wait (&q->alloc_cond, &q->lock);
-      continue;                 /* look again once it is linked */
     }
     else
       r = write_alloc (q, p, count, offset, &m, &len);

@@ -36,6 +36,9 @@ struct qcow_config {
   bool read_only;          /* open O_RDONLY; the file is never modified */
   bool discard;            /* honour discard (trim); default true */
   uint64_t cache_size;     /* metadata cache in bytes; 0 = default */
+  uint64_t compact_after_unmaps; /* compact in the background once this many
+                              bytes were freed; 0 = never */
+  uint64_t keep_erased;    /* bytes of free space compaction leaves at the end */
 };
 void qcow_config_default (struct qcow_config *cfg);
 
@@ -122,6 +125,22 @@ int qcow_discard (struct qcow *q, uint64_t count, uint64_t offset,
 int qcow_zero (struct qcow *q, uint64_t count, uint64_t offset,
                unsigned flags);
 
+/* Compaction (the OCaml library's compact): move clusters from the end
+ * of the file into holes nearer the start and truncate the file.  Safe
+ * while clients do I/O; sizes in 512-byte sectors, as the OCaml API. */
+struct qcow_compact_result {
+  uint64_t copied;         /* sectors copied */
+  uint64_t refs_updated;   /* cluster references updated */
+  uint64_t old_size;       /* file size before, in sectors */
+  uint64_t new_size;       /* file size after, in sectors */
+};
+typedef void (*qcow_progress_fn) (int percent, void *opaque);
+int qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
+                  struct qcow_compact_result *res);
+/* Start / stop the background compaction thread (when
+ * compact_after_unmaps is set).  Start it after any fork. */
+int qcow_start_background (struct qcow *q);
+
 /* Make every completed write durable, metadata included. */
 int qcow_flush (struct qcow *q);
 
@@ -154,6 +173,8 @@ struct qcow_stats {
   uint64_t erased;                 /* clusters zeroed by write-zeroes */
   uint64_t freed;                  /* host clusters whose refcount hit 0 */
   uint64_t bytes_punched;          /* given back with FALLOC_FL_PUNCH_HOLE */
+  uint64_t compacted;              /* clusters moved by compaction */
+  uint64_t compactions;            /* compaction runs */
 };
 void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
 

@@ -118,6 +118,18 @@ qcow_config_key (const char *key, const char *value)
     if ((lazy_refcounts = nbdkit_parse_bool (value)) == -1)
       return -1;
   }
+  else if (strcmp (key, "compact-after-unmaps") == 0) {
+    int64_t v = nbdkit_parse_size (value);
+    if (v == -1)
+      return -1;
+    config.compact_after_unmaps = v;
+  }
+  else if (strcmp (key, "keep-erased") == 0) {
+    int64_t v = nbdkit_parse_size (value);
+    if (v == -1)
+      return -1;
+    config.keep_erased = v;
+  }
   else if (strcmp (key, "discard") == 0) {
     if ((b = nbdkit_parse_bool (value)) == -1)
       return -1;
@@ -168,7 +180,9 @@ qcow_config_complete (void)
   "size=<SIZE>           Virtual size of the new image (with create=).\n" \
   "cluster-size=<SIZE>   Cluster size of the new image (default 64K).\n" \
   "lazy-refcounts=BOOL   Lazy refcounts in the new image (default true).\n" \
-  "discard=BOOL          Honour trim requests (default true)."
+  "discard=BOOL          Honour trim requests (default true).\n" \
+  "compact-after-unmaps=<SIZE>  Compact in the background once SIZE was freed.\n" \
+  "keep-erased=<SIZE>    Free space compaction keeps at the end of the file."
 
 /* Open and validate the image before the first client: a bad image stops
  * nbdkit at start-up.  It is opened writable if the file allows, but
@@ -190,6 +204,13 @@ qcow_get_ready (void)
   return 0;
 }
 
+/* Threads must start after nbdkit forks into the background. */
+static int
+qcow_after_fork (void)
+{
+  return qcow_start_background (image) < 0 ? -1 : 0;
+}
+
 static void
 qcow_dump_plugin (void)
 {
@@ -198,7 +219,7 @@ qcow_dump_plugin (void)
   printf ("qcow_cluster_sizes=512-2M\n");
   printf ("qcow_refcount_bits=1,2,4,8,16,32,64\n");
   printf ("qcow_features=lazy-refcounts,dirty-bit,corrupt-bit,zero-clusters,"
-          "extents,fua,multi-conn,trim,zero,fast-zero,create\n");
+          "extents,fua,multi-conn,trim,zero,fast-zero,compaction,create\n");
 }
 
 static void *
@@ -313,6 +334,7 @@ static struct nbdkit_plugin plugin = {
   .config_help       = qcow_config_help,
   .magic_config_key  = "file",
   .get_ready         = qcow_get_ready,
+  .after_fork        = qcow_after_fork,
   .dump_plugin       = qcow_dump_plugin,
   .open              = qcow_open,
   .get_size          = qcow_get_size,
