@@ -77,7 +77,8 @@ cache_drop_all (struct cache *c)
 void
 cache_free (struct cache *c)
 {
-  cache_drop_all (c);
+  if (c->lru.next)              /* initialised */
+    cache_drop_all (c);
   free (c->slot);
   c->slot = NULL;
   c->nslots = 0;

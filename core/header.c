@@ -53,12 +53,13 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
 {
   struct qcow_header *h = &q->h;
 
-  if (file_size < QCOW_V2_HEADER_LEN) {
-    ERR (q, "file is too small (%" PRIu64 " bytes) to be a qcow2 image", file_size);
+  if (file_size < 4 || rd32 (buf) != QCOW_MAGIC) {
+    ERR (q, "not a qcow2 image (bad magic)");
     return -EINVAL;
   }
-  if (rd32 (buf) != QCOW_MAGIC) {
-    ERR (q, "not a qcow2 image (bad magic)");
+  if (file_size < QCOW_V2_HEADER_LEN) {
+    ERR (q, "file is truncated (%" PRIu64 " bytes): no room for the header",
+         file_size);
     return -EINVAL;
   }
   memset (h, 0, sizeof *h);

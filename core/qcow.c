@@ -95,8 +95,7 @@ qcow_create (const char *path, const struct qcow_create_opts *o, bool overwrite)
   int fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL), 0644);
   if (fd == -1) {
     int e = errno;
-    qcow_errorf (path, "%s", e == EEXIST
-                 ? "file exists (use create=force to overwrite it)" : strerror (e));
+    qcow_errorf (path, "%s", e == EEXIST ? "file exists" : strerror (e));
     return -e;
   }
   int r = -ENOMEM;

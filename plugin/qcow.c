@@ -159,7 +159,10 @@ qcow_config_complete (void)
     o.size = create_size;
     o.cluster_bits = __builtin_ctzll (cluster_size);
     o.lazy_refcounts = lazy_refcounts;
-    if (qcow_create (filename, &o, create_mode == 2) < 0)
+    int r = qcow_create (filename, &o, create_mode == 2);
+    if (r == -EEXIST)
+      nbdkit_error ("%s: use create=force to overwrite it", filename);
+    if (r < 0)
       return -1;
     char *real = nbdkit_realpath (filename);
     if (!real)

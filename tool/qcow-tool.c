@@ -1,0 +1,707 @@
+/* qcow-tool - inspect, create and resize qcow2 images.
+ *
+ * Uses only the public core API (core/qcow.h).  Each subcommand is one
+ * function in the dispatch table at the bottom; every error is a single
+ * line "qcow-tool: FILE: problem" on stderr and exit status 1.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "qcow.h"
+
+#define PROG "qcow-tool"
+
+/* ---- messages ---- */
+
+static void __attribute__ ((format (printf, 1, 2)))
+fail (const char *fmt, ...)
+{
+  va_list ap;
+
+  fputs (PROG ": ", stderr);
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fputc ('\n', stderr);
+}
+
+/* Core messages already start with the file name. */
+static void
+core_error (const char *msg)
+{
+  fprintf (stderr, PROG ": %s\n", msg);
+}
+
+/* A usage error in subcommand CMD: one line, exit status 1. */
+static int __attribute__ ((format (printf, 2, 3)))
+usage_error (const char *cmd, const char *fmt, ...)
+{
+  va_list ap;
+
+  fprintf (stderr, PROG ": %s: ", cmd);
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fprintf (stderr, " (see '" PROG " --help')\n");
+  return 1;
+}
+
+/* ---- sizes ---- */
+
+/* Parse a size the way qemu-img does: decimal digits, an optional
+ * fraction, and an optional suffix b/B (bytes) or k/K, M, G, T, P, E
+ * (powers of 1024, either case).  A fraction needs a unit other than
+ * bytes; the result is rounded to the nearest byte.  Returns false on
+ * syntax error or overflow. */
+static bool
+parse_size (const char *s, uint64_t *out)
+{
+  static const char units[] = "bkmgtpe";
+  uint64_t whole = 0, frac = 0, frac_scale = 1;
+  const char *p = s;
+  bool has_frac = false;
+
+  if (*p < '0' || *p > '9')
+    return false;
+  for (; *p >= '0' && *p <= '9'; p++) {
+    if (whole > (UINT64_MAX - 9) / 10)
+      return false;
+    whole = whole * 10 + (uint64_t) (*p - '0');
+  }
+  if (*p == '.') {
+    has_frac = true;
+    p++;
+    if (*p < '0' || *p > '9')
+      return false;
+    for (; *p >= '0' && *p <= '9'; p++) {
+      if (frac_scale < UINT64_C (1000000000)) {   /* 9 digits is plenty */
+        frac = frac * 10 + (uint64_t) (*p - '0');
+        frac_scale *= 10;
+      }
+    }
+  }
+
+  unsigned shift = 0;
+  if (*p != '\0') {
+    const char *u = strchr (units, *p | 0x20);
+    if (u == NULL || p[1] != '\0')
+      return false;
+    shift = 10 * (unsigned) (u - units);
+  }
+  if (has_frac && shift == 0)
+    return false;
+
+  if (shift > 0 && whole > (UINT64_MAX >> shift))
+    return false;
+  uint64_t v = whole << shift;
+  /* extra = round (frac * 2^shift / frac_scale), by binary long division
+   * (frac < frac_scale <= 10^9, so nothing overflows). */
+  uint64_t extra = 0, rem = frac;
+  for (unsigned i = 0; i < shift; i++) {
+    rem <<= 1;
+    extra <<= 1;
+    if (rem >= frac_scale) {
+      rem -= frac_scale;
+      extra |= 1;
+    }
+  }
+  if (2 * rem >= frac_scale)
+    extra++;
+  if (v > UINT64_MAX - extra)
+    return false;
+  *out = v + extra;
+  return true;
+}
+
+/* "1 GiB", "1.5 MiB", "512 B": three significant digits, as qemu-img. */
+static const char *
+human_size (uint64_t n, char *buf, size_t len)
+{
+  static const char *const suffix[] =
+    { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+  double v = (double) n;
+  size_t i = 0;
+
+  while (v >= 1000 && i + 1 < sizeof suffix / sizeof suffix[0]) {
+    v /= 1024;
+    i++;
+  }
+  snprintf (buf, len, "%.3g %s", v, suffix[i]);
+  return buf;
+}
+
+/* ---- feature bits (docs/interop/qcow2.txt, header bytes 72..95) ---- */
+
+/* In the order (and with the numbers) qcow_feature_name uses. */
+enum feature_kind { INCOMPATIBLE, COMPATIBLE, AUTOCLEAR, NR_FEATURE_KINDS };
+
+static const char *const feature_kind_name[NR_FEATURE_KINDS] = {
+  "incompatible", "compatible", "autoclear",
+};
+
+static uint64_t
+feature_bits (const struct qcow_header *h, enum feature_kind k)
+{
+  switch (k) {
+  case INCOMPATIBLE: return h->incompatible_features;
+  case COMPATIBLE:   return h->compatible_features;
+  case AUTOCLEAR:    return h->autoclear_features;
+  default:           return 0;
+  }
+}
+
+/* The core's name of feature BIT of kind K, or "bit N" in BUF if it
+ * has none. */
+static const char *
+feature_name (enum feature_kind k, unsigned bit, char *buf, size_t len)
+{
+  const char *name = qcow_feature_name ((int) k, (int) bit);
+
+  if (name != NULL)
+    return name;
+  snprintf (buf, len, "bit %u", bit);
+  return buf;
+}
+
+static const char *
+compression_name (unsigned t, char *buf, size_t len)
+{
+  switch (t) {
+  case 0: return "zlib";
+  case 1: return "zstd";
+  default: snprintf (buf, len, "unknown (%u)", t); return buf;
+  }
+}
+
+static const char *
+encryption_name (unsigned m, char *buf, size_t len)
+{
+  switch (m) {
+  case 0: return "none";
+  case 1: return "aes";
+  case 2: return "luks";
+  default: snprintf (buf, len, "unknown (%u)", m); return buf;
+  }
+}
+
+/* ---- JSON output ---- */
+
+/* Write S as a JSON string.  Valid UTF-8 passes through; control
+ * characters are escaped; bytes that are not valid UTF-8 (a backing
+ * file name may hold anything) become U+FFFD so the output stays valid
+ * JSON. */
+static void
+json_string (FILE *fp, const char *s)
+{
+  const unsigned char *p = (const unsigned char *) s;
+
+  fputc ('"', fp);
+  while (*p) {
+    unsigned c = *p;
+    if (c == '"' || c == '\\')
+      fprintf (fp, "\\%c", c);
+    else if (c < 0x20)
+      fprintf (fp, "\\u%04x", c);
+    else if (c < 0x80)
+      fputc ((int) c, fp);
+    else {
+      /* Length of a well-formed UTF-8 sequence starting here, or 0. */
+      size_t n = 0;
+      uint32_t cp = 0, min = 0;
+      if (c >= 0xc2 && c <= 0xdf)      { n = 2; cp = c & 0x1f; min = 0x80; }
+      else if (c >= 0xe0 && c <= 0xef) { n = 3; cp = c & 0x0f; min = 0x800; }
+      else if (c >= 0xf0 && c <= 0xf4) { n = 4; cp = c & 0x07; min = 0x10000; }
+      for (size_t i = 1; i < n; i++) {
+        if ((p[i] & 0xc0) != 0x80) { n = 0; break; }
+        cp = (cp << 6) | (p[i] & 0x3f);
+      }
+      if (n > 0 && (cp < min || cp > 0x10ffff ||
+                    (cp >= 0xd800 && cp <= 0xdfff)))
+        n = 0;
+      if (n == 0) {
+        fputs ("\\ufffd", fp);
+        p++;
+        continue;
+      }
+      fwrite (p, 1, n, fp);
+      p += n;
+      continue;
+    }
+    p++;
+  }
+  fputc ('"', fp);
+}
+
+/* Write S for a terminal: control characters (a backing file name may
+ * hold anything) are shown as \xNN. */
+static void
+text_string (FILE *fp, const char *s)
+{
+  for (const unsigned char *p = (const unsigned char *) s; *p; p++) {
+    if (*p < 0x20 || *p == 0x7f || *p == '\\')
+      fprintf (fp, "\\x%02x", *p);
+    else
+      fputc (*p, fp);
+  }
+}
+
+/* ---- info ---- */
+
+struct image_facts {
+  const char *file;
+  struct qcow_header h;
+  uint64_t allocated;       /* guest bytes mapped */
+  struct stat st;
+};
+
+static void
+print_features_text (const struct qcow_header *h, enum feature_kind k)
+{
+  uint64_t bits = feature_bits (h, k);
+  char buf[16];
+
+  printf ("%s features:", feature_kind_name[k]);
+  if (bits == 0)
+    printf (" none");
+  for (unsigned bit = 0; bit < 64; bit++)
+    if (bits & (UINT64_C (1) << bit))
+      printf (" %s%s", feature_name (k, bit, buf, sizeof buf),
+              (bits >> bit) > 1 ? "," : "");
+  putchar ('\n');
+}
+
+static void
+print_info_text (const struct image_facts *f)
+{
+  const struct qcow_header *h = &f->h;
+  char hb[32], nb[32];
+
+  printf ("image: ");
+  text_string (stdout, f->file);
+  putchar ('\n');
+  printf ("format: qcow2 version %" PRIu32 " (compat %s)\n",
+          h->version, h->version >= 3 ? "1.1" : "0.10");
+  printf ("virtual size: %s (%" PRIu64 " bytes)\n",
+          human_size (h->size, hb, sizeof hb), h->size);
+  printf ("cluster size: %" PRIu64 "\n", UINT64_C (1) << h->cluster_bits);
+  printf ("refcount bits: %u\n", 1u << h->refcount_order);
+  for (enum feature_kind k = 0; k < NR_FEATURE_KINDS; k++)
+    print_features_text (h, k);
+  printf ("dirty: %s\n",
+          h->incompatible_features & QCOW_INCOMPAT_DIRTY ? "yes" : "no");
+  printf ("corrupt: %s\n",
+          h->incompatible_features & QCOW_INCOMPAT_CORRUPT ? "yes" : "no");
+  if (h->version >= 3)
+    printf ("compression type: %s\n",
+            compression_name (h->compression_type, nb, sizeof nb));
+  printf ("encryption: %s\n",
+          encryption_name (h->crypt_method, nb, sizeof nb));
+  printf ("L1 table: %" PRIu32 " entries at offset 0x%" PRIx64 "\n",
+          h->l1_size, h->l1_table_offset);
+  printf ("refcount table: %" PRIu32 " cluster%s at offset 0x%" PRIx64 "\n",
+          h->refcount_table_clusters,
+          h->refcount_table_clusters == 1 ? "" : "s",
+          h->refcount_table_offset);
+  printf ("snapshots: %" PRIu32 "\n", h->nb_snapshots);
+  if (h->backing_file[0] != '\0') {
+    printf ("backing file: ");
+    text_string (stdout, h->backing_file);
+    printf ("\nbacking file format: ");
+    text_string (stdout, h->backing_format[0] != '\0' ? h->backing_format
+                                                       : "(not recorded)");
+    putchar ('\n');
+  }
+  printf ("allocated: %s (%" PRIu64 " bytes)\n",
+          human_size (f->allocated, hb, sizeof hb), f->allocated);
+  printf ("file size: %s (%" PRIu64 " bytes)\n",
+          human_size ((uint64_t) f->st.st_size, hb, sizeof hb),
+          (uint64_t) f->st.st_size);
+  printf ("disk usage: %s (%" PRIu64 " bytes)\n",
+          human_size ((uint64_t) f->st.st_blocks * 512, hb, sizeof hb),
+          (uint64_t) f->st.st_blocks * 512);
+}
+
+static void
+print_features_json (const struct qcow_header *h, enum feature_kind k)
+{
+  uint64_t bits = feature_bits (h, k);
+  char buf[16];
+  bool first = true;
+
+  printf ("  \"%s-features\": [", feature_kind_name[k]);
+  for (unsigned bit = 0; bit < 64; bit++)
+    if (bits & (UINT64_C (1) << bit)) {
+      printf ("%s", first ? "" : ", ");
+      json_string (stdout, feature_name (k, bit, buf, sizeof buf));
+      first = false;
+    }
+  printf ("],\n");
+}
+
+static void
+print_info_json (const struct image_facts *f)
+{
+  const struct qcow_header *h = &f->h;
+  char nb[32];
+
+  printf ("{\n  \"filename\": ");
+  json_string (stdout, f->file);
+  printf (",\n  \"format\": \"qcow2\",\n");
+  printf ("  \"version\": %" PRIu32 ",\n", h->version);
+  printf ("  \"compat\": \"%s\",\n", h->version >= 3 ? "1.1" : "0.10");
+  printf ("  \"virtual-size\": %" PRIu64 ",\n", h->size);
+  printf ("  \"cluster-size\": %" PRIu64 ",\n", UINT64_C (1) << h->cluster_bits);
+  printf ("  \"refcount-bits\": %u,\n", 1u << h->refcount_order);
+  for (enum feature_kind k = 0; k < NR_FEATURE_KINDS; k++)
+    print_features_json (h, k);
+  printf ("  \"dirty\": %s,\n",
+          h->incompatible_features & QCOW_INCOMPAT_DIRTY ? "true" : "false");
+  printf ("  \"corrupt\": %s,\n",
+          h->incompatible_features & QCOW_INCOMPAT_CORRUPT ? "true" : "false");
+  if (h->version >= 3) {
+    printf ("  \"compression-type\": ");
+    json_string (stdout, compression_name (h->compression_type, nb, sizeof nb));
+    printf (",\n");
+  }
+  printf ("  \"encryption\": ");
+  json_string (stdout, encryption_name (h->crypt_method, nb, sizeof nb));
+  printf (",\n");
+  printf ("  \"l1-size\": %" PRIu32 ",\n", h->l1_size);
+  printf ("  \"l1-table-offset\": %" PRIu64 ",\n", h->l1_table_offset);
+  printf ("  \"refcount-table-offset\": %" PRIu64 ",\n",
+          h->refcount_table_offset);
+  printf ("  \"refcount-table-clusters\": %" PRIu32 ",\n",
+          h->refcount_table_clusters);
+  printf ("  \"snapshots\": %" PRIu32 ",\n", h->nb_snapshots);
+  if (h->backing_file[0] != '\0') {
+    printf ("  \"backing-filename\": ");
+    json_string (stdout, h->backing_file);
+    printf (",\n");
+    if (h->backing_format[0] != '\0') {
+      printf ("  \"backing-filename-format\": ");
+      json_string (stdout, h->backing_format);
+      printf (",\n");
+    }
+  }
+  printf ("  \"allocated-bytes\": %" PRIu64 ",\n", f->allocated);
+  printf ("  \"file-size\": %" PRIu64 ",\n", (uint64_t) f->st.st_size);
+  printf ("  \"disk-usage\": %" PRIu64 "\n", (uint64_t) f->st.st_blocks * 512);
+  printf ("}\n");
+}
+
+static int
+cmd_info (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "json", no_argument, NULL, 'j' },
+    { NULL, 0, NULL, 0 },
+  };
+  bool json = false;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    if (c == 'j')
+      json = true;
+    else
+      return 1;
+  }
+  if (argc - optind != 1)
+    return usage_error ("info", "expected FILE");
+
+  struct image_facts f = { .file = argv[optind] };
+  struct qcow_config cfg;
+  struct qcow *q;
+
+  qcow_config_default (&cfg);
+  cfg.read_only = true;
+  if (qcow_connect (f.file, &cfg, &q) < 0)
+    return 1;
+  qcow_get_header (q, &f.h);
+  int r = qcow_allocated_bytes (q, &f.allocated);
+  if (r == 0 && stat (f.file, &f.st) == -1) {
+    fail ("%s: %s", f.file, strerror (errno));
+    r = -1;
+  }
+  if (qcow_disconnect (q) < 0 || r < 0)
+    return 1;
+
+  if (json)
+    print_info_json (&f);
+  else
+    print_info_text (&f);
+  if (fflush (stdout) == EOF || ferror (stdout)) {
+    fail ("standard output: %s", strerror (errno));
+    return 1;
+  }
+  return 0;
+}
+
+/* ---- create ---- */
+
+static int
+cmd_create (int argc, char **argv)
+{
+  enum { OPT_CLUSTER = 256, OPT_LAZY, OPT_REFBITS, OPT_COMPAT, OPT_FORCE };
+  static const struct option opts[] = {
+    { "cluster-size",   required_argument, NULL, OPT_CLUSTER },
+    { "lazy-refcounts", required_argument, NULL, OPT_LAZY },
+    { "refcount-bits",  required_argument, NULL, OPT_REFBITS },
+    { "compat",         required_argument, NULL, OPT_COMPAT },
+    { "force",          no_argument,       NULL, OPT_FORCE },
+    { NULL, 0, NULL, 0 },
+  };
+  struct qcow_create_opts o;
+  bool force = false, lazy_given = false;
+  uint64_t v;
+  int c;
+
+  qcow_create_opts_default (&o);
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    switch (c) {
+    case OPT_CLUSTER:
+      if (!parse_size (optarg, &v) || v < 512 || v > (2u << 20) ||
+          (v & (v - 1)) != 0)
+        return usage_error ("create", "--cluster-size=%s: must be a power "
+                            "of two from 512 to 2M", optarg);
+      o.cluster_bits = (unsigned) __builtin_ctzll (v);
+      break;
+    case OPT_LAZY:
+      if (strcmp (optarg, "on") == 0)
+        o.lazy_refcounts = true;
+      else if (strcmp (optarg, "off") == 0)
+        o.lazy_refcounts = false;
+      else
+        return usage_error ("create", "--lazy-refcounts=%s: expected on "
+                            "or off", optarg);
+      lazy_given = true;
+      break;
+    case OPT_REFBITS: {
+      char *end;
+      errno = 0;
+      unsigned long n = strtoul (optarg, &end, 10);
+      if (errno || end == optarg || *end || n == 0 || n > 64 ||
+          (n & (n - 1)) != 0)
+        return usage_error ("create", "--refcount-bits=%s: must be a power "
+                            "of two from 1 to 64", optarg);
+      o.refcount_order = (unsigned) __builtin_ctzl (n);
+      break;
+    }
+    case OPT_COMPAT:
+      if (strcmp (optarg, "0.10") == 0 || strcmp (optarg, "v2") == 0)
+        o.version = 2;
+      else if (strcmp (optarg, "1.1") == 0 || strcmp (optarg, "v3") == 0)
+        o.version = 3;
+      else
+        return usage_error ("create", "--compat=%s: expected 0.10, 1.1, "
+                            "v2 or v3", optarg);
+      break;
+    case OPT_FORCE:
+      force = true;
+      break;
+    default:
+      return 1;
+    }
+  }
+  if (argc - optind != 2)
+    return usage_error ("create", "expected FILE SIZE");
+  const char *file = argv[optind];
+  const char *size = argv[optind + 1];
+  if (!parse_size (size, &o.size))
+    return usage_error ("create", "%s: invalid size", size);
+
+  if (o.version == 2) {
+    if (lazy_given && o.lazy_refcounts) {
+      fail ("%s: lazy refcounts need --compat=1.1 (v3)", file);
+      return 1;
+    }
+    o.lazy_refcounts = false;
+    if (o.refcount_order != 4) {
+      fail ("%s: refcount widths other than 16 bits need --compat=1.1 (v3)",
+            file);
+      return 1;
+    }
+  }
+
+  /* The core refuses too (atomically); this is for a message that
+   * names our option. */
+  struct stat st;
+  if (!force && lstat (file, &st) == 0) {
+    fail ("%s: file exists (use --force to overwrite it)", file);
+    return 1;
+  }
+
+  return qcow_create (file, &o, force) < 0 ? 1 : 0;
+}
+
+/* ---- resize ---- */
+
+/* qemu-img style: a size argument like "-1G" looks like an option to
+ * getopt.  Take it out of ARGV first (shifting the rest down) and return
+ * it, or NULL if there is none.  Anything after "--" is left alone. */
+static char *
+take_negative_size (int *argc, char **argv)
+{
+  for (int i = 1; i < *argc; i++) {
+    if (strcmp (argv[i], "--") == 0)
+      break;
+    if (argv[i][0] == '-' && argv[i][1] >= '0' && argv[i][1] <= '9') {
+      char *s = argv[i];
+      memmove (&argv[i], &argv[i + 1], (size_t) (*argc - i) * sizeof *argv);
+      (*argc)--;
+      return s;
+    }
+  }
+  return NULL;
+}
+
+static int
+cmd_resize (int argc, char **argv)
+{
+  enum { OPT_IGNORE = 256 };
+  static const struct option opts[] = {
+    { "ignore-data-loss", no_argument, NULL, OPT_IGNORE },
+    { NULL, 0, NULL, 0 },
+  };
+  bool ignore_data_loss = false;
+  char *neg = take_negative_size (&argc, argv);
+  int c;
+
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    if (c == OPT_IGNORE)
+      ignore_data_loss = true;
+    else
+      return 1;
+  }
+  if (argc - optind != (neg ? 1 : 2))
+    return usage_error ("resize", "expected FILE SIZE");
+  const char *file = argv[optind];
+  const char *size = neg ? neg : argv[optind + 1];
+
+  int sign = 0;
+  uint64_t amount;
+  if (size[0] == '+' || size[0] == '-')
+    sign = size[0] == '+' ? 1 : -1;
+  if (!parse_size (size + (sign != 0), &amount))
+    return usage_error ("resize", "%s: invalid size", size);
+
+  struct qcow_config cfg;
+  struct qcow *q;
+  qcow_config_default (&cfg);
+  if (qcow_connect (file, &cfg, &q) < 0)
+    return 1;
+
+  struct qcow_info info;
+  struct qcow_header h;
+  qcow_get_info (q, &info);
+  qcow_get_header (q, &h);
+  uint64_t new_size = amount;
+  int r = 0;
+  /* The core falls back to read-only for a file we may not write. */
+  if (!info.read_write) {
+    if (h.incompatible_features & QCOW_INCOMPAT_CORRUPT)
+      fail ("%s: image is marked corrupt: repair it with "
+            "'qemu-img check -r all' first", file);
+    else
+      fail ("%s: cannot open the file for writing", file);
+    r = -1;
+  }
+  else if (sign > 0 && amount > UINT64_MAX - info.size) {
+    fail ("%s: size %s is too large", file, size);
+    r = -1;
+  }
+  else if (sign > 0)
+    new_size = info.size + amount;
+  else if (sign < 0 && amount > info.size) {
+    fail ("%s: cannot shrink by %s: the image is only %" PRIu64 " bytes",
+          file, size + 1, info.size);
+    r = -1;
+  }
+  else if (sign < 0)
+    new_size = info.size - amount;
+
+  if (r == 0 && new_size < info.size && !ignore_data_loss) {
+    fail ("%s: shrinking from %" PRIu64 " to %" PRIu64 " bytes discards the "
+          "data past the new end; use --ignore-data-loss", file,
+          info.size, new_size);
+    r = -1;
+  }
+  if (r == 0 && new_size != info.size)
+    r = qcow_resize (q, new_size, ignore_data_loss);
+  if (qcow_disconnect (q) < 0 || r < 0)
+    return 1;
+  return 0;
+}
+
+/* ---- dispatch ---- */
+
+struct command {
+  const char *name;
+  int (*run) (int argc, char **argv);   /* argv[0] is the subcommand */
+  const char *args;
+  const char *help;
+};
+
+/* check, repair, compact and map will join this table. */
+static const struct command commands[] = {
+  { "info", cmd_info, "FILE [--json]",
+    "print the image header, features and space use (read-only)" },
+  { "create", cmd_create,
+    "FILE SIZE [--cluster-size=SIZE] [--lazy-refcounts=on|off]\n"
+    "                [--refcount-bits=N] [--compat=0.10|1.1|v2|v3] [--force]",
+    "create a new empty image (--force overwrites an existing FILE)" },
+  { "resize", cmd_resize, "FILE [+|-]SIZE [--ignore-data-loss]",
+    "change the virtual size; shrinking needs --ignore-data-loss" },
+};
+#define NR_COMMANDS (sizeof commands / sizeof commands[0])
+
+static void
+usage (FILE *fp)
+{
+  fprintf (fp, "Usage: " PROG " COMMAND [ARGS...]\n\nCommands:\n");
+  for (size_t i = 0; i < NR_COMMANDS; i++)
+    fprintf (fp, "  %s %s\n      %s\n",
+             commands[i].name, commands[i].args, commands[i].help);
+  fprintf (fp,
+           "\n"
+           "SIZE is a number of bytes, optionally with a suffix k, M, G, T, P\n"
+           "or E (powers of 1024), like qemu-img: 512, 64k, 1.5G.\n"
+           "\n"
+           "  " PROG " --help       print this help\n"
+           "  " PROG " --version    print the version\n");
+}
+
+int
+main (int argc, char **argv)
+{
+  qcow_set_error_handler (core_error);
+
+  if (argc < 2) {
+    usage (stderr);
+    return 1;
+  }
+  if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0) {
+    usage (stdout);
+    return 0;
+  }
+  if (strcmp (argv[1], "--version") == 0 || strcmp (argv[1], "-V") == 0) {
+    printf (PROG " %s\n", QCOW_LIB_VERSION);
+    return 0;
+  }
+  for (size_t i = 0; i < NR_COMMANDS; i++)
+    if (strcmp (argv[1], commands[i].name) == 0) {
+      /* Hand the subcommand its own argv, with its name as argv[0], and
+       * let getopt print "qcow-tool: unrecognized option" itself. */
+      argv[1] = (char *) PROG;
+      return commands[i].run (argc - 1, argv + 1) == 0 ? 0 : 1;
+    }
+  fail ("unknown command '%s' (see '" PROG " --help')", argv[1]);
+  return 1;
+}
