@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "qcow.h"
 
@@ -640,6 +641,98 @@ cmd_resize (int argc, char **argv)
   return 0;
 }
 
+/* ---- compact ---- */
+
+static void
+progress_bar (int percent, void *opaque)
+{
+  int *last = opaque;
+  if (percent == *last)
+    return;
+  *last = percent;
+  int filled = percent / 2;
+  fprintf (stderr, "\r[%-50.*s] %3d%%", filled,
+           "##################################################", percent);
+  if (percent >= 100)
+    fputc ('\n', stderr);
+  fflush (stderr);
+}
+
+static int
+cmd_compact (int argc, char **argv)
+{
+  enum { OPT_PROGRESS = 256, OPT_JSON };
+  static const struct option opts[] = {
+    { "progress", no_argument, NULL, OPT_PROGRESS },
+    { "json", no_argument, NULL, OPT_JSON },
+    { NULL, 0, NULL, 0 },
+  };
+  bool progress = false, json = false;
+  int c;
+  while ((c = getopt_long (argc, argv, "p", opts, NULL)) != -1) {
+    if (c == OPT_PROGRESS || c == 'p')
+      progress = true;
+    else if (c == OPT_JSON)
+      json = true;
+    else
+      return 1;
+  }
+  if (argc - optind != 1)
+    return usage_error ("compact", "expected FILE");
+  const char *file = argv[optind];
+  struct qcow_config cfg;
+  struct qcow *q;
+  qcow_config_default (&cfg);
+  if (qcow_connect (file, &cfg, &q) < 0)
+    return 1;
+  struct qcow_compact_result res;
+  /* The bar only on a terminal. */
+  int last = -1;
+  int r = qcow_compact (q, progress && isatty (2) ? progress_bar : NULL, &last, &res);
+  if (qcow_disconnect (q) < 0 || r < 0)
+    return 1;
+  if (json)
+    printf ("{ \"copied\": %" PRIu64 ", \"refs_updated\": %" PRIu64
+            ", \"old_size\": %" PRIu64 ", \"new_size\": %" PRIu64 " }\n",
+            res.copied, res.refs_updated, res.old_size, res.new_size);
+  else
+    printf ("copied: %" PRIu64 " sectors\nrefs_updated: %" PRIu64
+            "\nold_size: %" PRIu64 " sectors (%" PRIu64 " bytes)\n"
+            "new_size: %" PRIu64 " sectors (%" PRIu64 " bytes)\n",
+            res.copied, res.refs_updated, res.old_size, res.old_size * 512,
+            res.new_size, res.new_size * 512);
+  return 0;
+}
+
+/* ---- map ---- */
+
+static int
+cmd_map (int argc, char **argv)
+{
+  if (argc != 2)
+    return usage_error ("map", "expected FILE");
+  struct qcow_config cfg;
+  struct qcow *q;
+  qcow_config_default (&cfg);
+  cfg.read_only = true;
+  if (qcow_connect (argv[1], &cfg, &q) < 0)
+    return 1;
+  struct qcow_info info;
+  qcow_get_info (q, &info);
+  int r = 0;
+  for (uint64_t off = 0; off < info.size && r == 0;) {
+    uint64_t len;
+    unsigned f;
+    r = qcow_map (q, off, info.size - off, &len, &f);
+    if (r == 0)
+      printf ("%" PRIu64 "\t%" PRIu64 "\t%s\n", off, len,
+              f & QCOW_EXTENT_HOLE ? "hole" : f & QCOW_EXTENT_ZERO ? "zero" : "data");
+    off += r == 0 ? len : 0;
+  }
+  qcow_disconnect (q);
+  return r < 0;
+}
+
 /* ---- dispatch ---- */
 
 struct command {
@@ -649,7 +742,7 @@ struct command {
   const char *help;
 };
 
-/* check, repair, compact and map will join this table. */
+/* check and repair will join this table. */
 static const struct command commands[] = {
   { "info", cmd_info, "FILE [--json]",
     "print the image header, features and space use (read-only)" },
@@ -659,6 +752,10 @@ static const struct command commands[] = {
     "create a new empty image (--force overwrites an existing FILE)" },
   { "resize", cmd_resize, "FILE [+|-]SIZE [--ignore-data-loss]",
     "change the virtual size; shrinking needs --ignore-data-loss" },
+  { "compact", cmd_compact, "FILE [--progress] [--json]",
+    "move clusters into free space and truncate the file" },
+  { "map", cmd_map, "FILE",
+    "print the guest ranges: offset, length, data|zero|hole" },
 };
 #define NR_COMMANDS (sizeof commands / sizeof commands[0])
 
