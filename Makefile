@@ -34,7 +34,7 @@ MAN     := nbdkit-qcow-plugin.1
 
 # Debian packages needed to build, test and benchmark.
 DEPS_BUILD = gcc make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev perl
-DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio
+DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 .PHONY: all deps run check bench install clean fuzz unit

@@ -96,6 +96,7 @@ struct qcow {
   pthread_cond_t alloc_cond;
   pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
   pthread_mutex_t compact_lock;  /* one compaction at a time */
+  pthread_mutex_t flush_lock;    /* one flush_all at a time */
   pthread_t bg_thread;     /* background compaction */
   bool bg_running, bg_stop;
   pthread_cond_t bg_cond;

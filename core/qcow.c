@@ -163,6 +163,7 @@ qcow_free (struct qcow *q)
   pthread_cond_destroy (&q->alloc_cond);
   pthread_rwlock_destroy (&q->io_lock);
   pthread_mutex_destroy (&q->compact_lock);
+  pthread_mutex_destroy (&q->flush_lock);
   pthread_cond_destroy (&q->bg_cond);
   free (q->l1);
   free (q->rct);
@@ -204,6 +205,7 @@ qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
   pthread_mutex_init (&q->lock, NULL);
   pthread_cond_init (&q->alloc_cond, NULL);
   pthread_mutex_init (&q->compact_lock, NULL);
+  pthread_mutex_init (&q->flush_lock, NULL);
   pthread_cond_init (&q->bg_cond, NULL);
   pthread_rwlockattr_t attr;
   pthread_rwlockattr_init (&attr);
@@ -338,6 +340,7 @@ int
 flush_all (struct qcow *q)
 {
   int r;
+  pthread_mutex_lock (&q->flush_lock);
   pthread_mutex_lock (&q->lock);
   r = metadata_sync (q);
   size_t durable = q->npending;
@@ -363,6 +366,7 @@ flush_all (struct qcow *q)
     pthread_mutex_unlock (&q->lock);
     pthread_rwlock_unlock (&q->io_lock);
   }
+  pthread_mutex_unlock (&q->flush_lock);
   return r;
 }
 
