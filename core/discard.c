@@ -24,9 +24,12 @@ clear_cluster (struct qcow *q, uint64_t gc, enum clear_mode mode,
   case C_ZERO:
     return 0;                   /* already reads as zeros */
   case C_COMPRESSED:
-    ERR (q, "guest offset 0x%" PRIx64 " is stored in a compressed cluster: "
-         "compressed clusters are not supported yet", gc << q->cluster_bits);
-    return -ENOTSUP;
+    /* No host cluster of its own to keep: unlink (or zero flag on v3). */
+    if ((r = l2_set (q, gc, mode == CLEAR_ZERO_KEEP && q->h.version >= 3
+                     ? ENTRY_ZERO : 0)) < 0)
+      return r;
+    compressed_defer_free (q, m.host);
+    return 0;
   case C_ZERO_ALLOC:
     if (mode == CLEAR_ZERO_KEEP)
       return 0;

@@ -179,6 +179,11 @@ int rc_write_structure (int fd, const char *file, unsigned cluster_bits,
                         uint64_t nclusters, uint64_t *rct_offset, uint32_t *rct_clusters,
                         uint64_t *new_end);
 
+/* ---- compress.c ---- */
+void compressed_extent (struct qcow *q, uint64_t ent, uint64_t *off, uint64_t *len);
+int compressed_read (struct qcow *q, uint64_t ent, uint8_t *out);
+void compressed_defer_free (struct qcow *q, uint64_t ent);
+
 /* ---- cluster.c ---- */
 enum ckind { C_UNALLOC, C_ZERO, C_ZERO_ALLOC, C_DATA, C_COMPRESSED };
 struct cmap {

@@ -532,9 +532,11 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
     if (m.kind == C_DATA)
       r = io_pread (q, p, len, m.host + in);
     else if (m.kind == C_COMPRESSED) {
-      ERR (q, "guest offset 0x%" PRIx64 " is stored in a compressed cluster: "
-           "compressed clusters are not supported yet", offset);
-      r = -ENOTSUP;
+      uint8_t *c = malloc (cs);
+      r = c ? compressed_read (q, m.host, c) : -ENOMEM;
+      if (r == 0)
+        memcpy (p, c + in, len);
+      free (c);
     }
     else
       memset (p, 0, len);
@@ -586,6 +588,12 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
     return r;
   if (reuse)
     host = m->host;
+  else if (m->kind == C_COMPRESSED) {
+    uint64_t first;
+    if ((r = rc_alloc (q, 1, &first, &n, &fresh)) < 0)
+      return r;
+    host = first << q->cluster_bits;
+  }
   else {
     /* How many following clusters (same L2 table) also need allocation. */
     uint64_t want = div_round_up (in + count, cs);
@@ -610,7 +618,17 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
 
   uint64_t len = n * cs - in < count ? n * cs - in : count;
   uint64_t tail = n * cs - in - len;
-  if (fresh) {
+  if (m->kind == C_COMPRESSED) {
+    /* Decompress, merge, write the whole cluster uncompressed. */
+    uint8_t *c = malloc (cs);
+    r = c ? compressed_read (q, m->host, c) : -ENOMEM;
+    if (r == 0) {
+      memcpy (c + in, p, len);
+      r = io_pwrite (q, c, cs, host);
+    }
+    free (c);
+  }
+  else if (fresh) {
     r = io_pwrite (q, p, len, host + in);
   }
   else {
@@ -626,6 +644,8 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
   if (r == 0) {
     for (uint64_t i = 0; i < n && r == 0; i++)
       r = l2_set (q, gc + i, (host + i * cs) | ENTRY_COPIED);
+    if (r == 0 && m->kind == C_COMPRESSED)
+      compressed_defer_free (q, m->host);
   }
   else if (!reuse)
     rc_free (q, host >> q->cluster_bits, n);   /* never referenced */
@@ -693,11 +713,6 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
       pthread_mutex_unlock (&q->lock);
       r = io_pwrite (q, p, len, m.host + in);
       pthread_mutex_lock (&q->lock);
-    }
-    else if (m.kind == C_COMPRESSED) {
-      ERR (q, "guest offset 0x%" PRIx64 " is stored in a compressed cluster: "
-           "compressed clusters are not supported yet", offset);
-      r = -ENOTSUP;
     }
     else
       r = write_alloc (q, p, count, offset, &m, &len);
@@ -883,11 +898,9 @@ discard_tail (struct qcow *q, uint64_t from)
     uint64_t j0 = idx == (from >> q->l2_bits) ? from & ((1ULL << q->l2_bits) - 1) : 0;
     for (uint64_t j = j0; j < (1ULL << q->l2_bits); j++) {
       uint64_t ent = rd64 (e->data + 8 * j);
-      if (ent & ENTRY_COMPRESSED) {
-        ERR (q, "cannot shrink over compressed clusters yet");
-        return -ENOTSUP;
-      }
-      if (ent & L2_OFFSET_MASK)
+      if (ent & ENTRY_COMPRESSED)
+        compressed_defer_free (q, ent);
+      else if (ent & L2_OFFSET_MASK)
         rc_defer_free (q, (ent & L2_OFFSET_MASK) >> q->cluster_bits);
       if (ent) {
         wr64 (e->data + 8 * j, 0);

@@ -518,9 +518,14 @@ rc_rebuild (struct qcow *q)
     for (uint64_t j = 0; j < cs / 8; j++) {
       uint64_t ent = be64toh (l2[j]);
       if (ent & ENTRY_COMPRESSED) {
-        ERR (q, "cannot rebuild refcounts: compressed clusters are not supported yet");
-        r = -ENOTSUP;
-        goto out;
+        uint64_t coff, clen;
+        compressed_extent (q, ent, &coff, &clen);
+        uint64_t c0 = coff >> q->cluster_bits, c1 = (coff + clen - 1) >> q->cluster_bits;
+        for (uint64_t c = c0; c <= c1 && r == 0; c++)
+          r = count_ref (q, counts, E, c << q->cluster_bits, 1, "compressed cluster");
+        if (r < 0)
+          goto out;
+        continue;
       }
       uint64_t off = ent & L2_OFFSET_MASK;
       if (off && (r = count_ref (q, counts, E, off, 1, "data cluster")) < 0)
@@ -561,6 +566,8 @@ rc_rebuild (struct qcow *q)
   q->free_hint = 1;
   if (new_end > q->frontier)
     q->frontier = new_end;
+  if (new_end << q->cluster_bits > q->file_size)
+    q->file_size = new_end << q->cluster_bits;
   q->npending = 0;              /* recounted from the tables */
   qcow_debugf ("%s: refcounts rebuilt (%" PRIu64 " clusters)", q->filename, E);
  out:
