@@ -54,15 +54,32 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
   uint64_t rc;
   if ((r = rc_get (q, (q->l1[idx] & L1_OFFSET_MASK) >> q->cluster_bits, &rc)) < 0)
     return r;
-  if (rc != 1) {
-    ERR (q, "L2 table %" PRIu64 " is shared (refcount %" PRIu64 "): "
-         "writing to images with snapshots is not supported yet", idx, rc);
-    return -ENOTSUP;
-  }
-  q->l1[idx] |= ENTRY_COPIED;
-  /* rc_get may have evicted nothing from the L2 cache, but look again. */
   if ((r = cache_get (q, &q->l2c, idx, q->l1[idx] & L1_OFFSET_MASK, false, ep)) < 0)
     return r;
+  if (rc == 1)
+    q->l1[idx] |= ENTRY_COPIED;
+  else {
+    /* Shared with a snapshot: copy the table to a new cluster for the
+     * active L1.  Its data clusters keep their refcounts (they are now
+     * reached once through each copy instead of twice through one), but
+     * they are shared, so no entry in the copy may claim COPIED.  The old
+     * table loses our reference once the new L1 entry is durable. */
+    uint64_t c, got, old = q->l1[idx] & L1_OFFSET_MASK;
+    bool fresh;
+    if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
+      return r;
+    if ((r = cache_get (q, &q->l2c, idx, old, false, ep)) < 0) {
+      rc_free (q, c, 1);
+      return r;
+    }
+    e = *ep;
+    for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++)
+      wr64 (e->data + 8 * j, rd64 (e->data + 8 * j) & ~ENTRY_COPIED);
+    e->offset = c << q->cluster_bits;
+    cache_mark_dirty (&q->l2c, e);
+    q->l1[idx] = e->offset | ENTRY_COPIED;
+    rc_defer_free (q, old >> q->cluster_bits);
+  }
  l1_dirty:
   if (q->l1_dirty_hi <= q->l1_dirty_lo) {
     q->l1_dirty_lo = idx;

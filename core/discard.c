@@ -8,52 +8,60 @@ enum clear_mode {
   CLEAR_ZERO_KEEP,   /* reads as zeros, host cluster kept (v3 zero flag) */
 };
 
-/* Make whole guest cluster GC read as zeros.  With q->lock held.  Sets
- * *WRITE_HOST when the zeros must be written (v2 has no zero flag). */
+/* Make whole guest cluster GC read as zeros (zero), or give up its data
+ * (trim).  With q->lock held.  Sets *WRITE_HOST when zeros must be
+ * written in place (v2 has no zero flag).  With a backing file (v3 only,
+ * see qcow_zero/qcow_discard) unlinking would expose the backing data, so
+ * the zero flag is used instead. */
 static int
-clear_cluster (struct qcow *q, uint64_t gc, enum clear_mode mode,
+clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
                uint64_t *write_host)
 {
   struct cmap m;
+  bool backing = q->backing_path != NULL;
   int r = l2_lookup (q, gc, &m);
   *write_host = 0;
   if (r < 0)
     return r;
   switch (m.kind) {
-  case C_UNALLOC:
   case C_ZERO:
     return 0;                   /* already reads as zeros */
-  case C_COMPRESSED:
-    /* No host cluster of its own to keep: unlink (or zero flag on v3). */
-    if ((r = l2_set (q, gc, mode == CLEAR_ZERO_KEEP && q->h.version >= 3
-                     ? ENTRY_ZERO : 0)) < 0)
-      return r;
-    compressed_defer_free (q, m.host);
-    return 0;
+  case C_UNALLOC:
+    if (!backing || trim)
+      return 0;                 /* zeros, or (trim) what it showed before */
+    return l2_set (q, gc, ENTRY_ZERO);
   case C_ZERO_ALLOC:
-    if (mode == CLEAR_ZERO_KEEP)
+    if (mode == CLEAR_ZERO_KEEP && m.copied)
       return 0;
     break;
   case C_DATA:
-    if (mode == CLEAR_ZERO_KEEP) {
+    if (mode == CLEAR_ZERO_KEEP && m.copied) {
       if (q->h.version >= 3)
-        return l2_set (q, gc, m.host | ENTRY_ZERO | (m.copied ? ENTRY_COPIED : 0));
+        return l2_set (q, gc, m.host | ENTRY_ZERO | ENTRY_COPIED);
       *write_host = m.host;
       return 0;
     }
     break;
+  case C_COMPRESSED:
+    break;
   }
-  /* Unlink, and drop the reference once the unlink is durable. */
-  if ((r = l2_set (q, gc, 0)) < 0)
+  /* Unlink (zero flag over a backing file, or when the cluster must read
+   * as zeros on v3 and cannot be kept), and drop the reference once the
+   * unlink is durable. */
+  uint64_t ent = backing || (mode == CLEAR_ZERO_KEEP && q->h.version >= 3) ? ENTRY_ZERO : 0;
+  if ((r = l2_set (q, gc, ent)) < 0)
     return r;
-  rc_defer_free (q, m.host >> q->cluster_bits);
+  if (m.kind == C_COMPRESSED)
+    compressed_defer_free (q, m.host);
+  else
+    rc_defer_free (q, m.host >> q->cluster_bits);
   return 0;
 }
 
 /* Apply MODE to the whole clusters inside [offset, offset+count); return
  * in *HEAD / *TAIL the partial edges left over. */
 static int
-clear_range (struct qcow *q, uint64_t count, uint64_t offset,
+clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
              enum clear_mode mode, bool fast, uint64_t *nclusters)
 {
   const uint64_t cs = q->cluster_size;
@@ -78,7 +86,7 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset,
       continue;
     }
     uint64_t host;
-    r = clear_cluster (q, gc, mode, &host);
+    r = clear_cluster (q, gc, trim, mode, &host);
     if (r == 0 && host) {
       if (fast) {
         r = -ENOTSUP;
@@ -101,13 +109,15 @@ qcow_discard (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
   int r = check_range (q, count, offset);
   if (r < 0 || !q->cfg.discard)
     return r;
+  if (q->backing_path && q->h.version < 3)
+    return 0;     /* no zero flag: unlinking would expose the backing file */
   if (q->read_only) {
     ERR (q, "image is open read-only");
     return -EROFS;
   }
   uint64_t n;
   pthread_rwlock_rdlock (&q->io_lock);
-  r = clear_range (q, count, offset, CLEAR_UNLINK, false, &n);
+  r = clear_range (q, count, offset, true, CLEAR_UNLINK, false, &n);
   pthread_rwlock_unlock (&q->io_lock);
   __atomic_add_fetch (&q->stats.discarded, n, __ATOMIC_RELAXED);
   if (r == 0 && (flags & QCOW_FUA))
@@ -127,8 +137,8 @@ zero_partial (struct qcow *q, uint64_t count, uint64_t offset)
   pthread_mutex_unlock (&q->lock);
   if (r < 0)
     return r;
-  if (!in_flight && (m.kind == C_UNALLOC || m.kind == C_ZERO ||
-                     m.kind == C_ZERO_ALLOC))
+  if (!in_flight && ((m.kind == C_UNALLOC && !q->backing_path) ||
+                     m.kind == C_ZERO || m.kind == C_ZERO_ALLOC))
     return 0;
   return qcow_write (q, q->zero_cluster, count, offset, 0);
 }
@@ -144,6 +154,21 @@ qcow_zero (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
     return -EROFS;
   }
   const uint64_t cs = q->cluster_size;
+  if (q->backing_path && q->h.version < 3) {
+    /* No zero flag, and unlinking would expose the backing file: the
+     * zeros have to be written. */
+    if (flags & QCOW_FAST_ZERO)
+      return -ENOTSUP;
+    while (r == 0 && count > 0) {
+      uint64_t n = count < cs ? count : cs;
+      r = qcow_write (q, q->zero_cluster, n, offset, 0);
+      offset += n;
+      count -= n;
+    }
+    if (r == 0 && (flags & QCOW_FUA))
+      r = flush_all (q);
+    return r;
+  }
   uint64_t head_end = (offset + cs - 1) & ~(cs - 1), tail_start = (offset + count) & ~(cs - 1);
   if (head_end > offset + count)
     head_end = offset + count;
@@ -159,7 +184,7 @@ qcow_zero (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
   enum clear_mode mode = (flags & QCOW_MAY_TRIM) && q->cfg.discard
     ? CLEAR_UNLINK : CLEAR_ZERO_KEEP;
   pthread_rwlock_rdlock (&q->io_lock);
-  r = clear_range (q, count, offset, mode, flags & QCOW_FAST_ZERO, &n);
+  r = clear_range (q, count, offset, false, mode, flags & QCOW_FAST_ZERO, &n);
   pthread_rwlock_unlock (&q->io_lock);
   __atomic_add_fetch (&q->stats.erased, n, __ATOMIC_RELAXED);
   if (r == 0 && (flags & QCOW_FUA))

@@ -202,14 +202,10 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
     }
     snprintf (h->backing_file, sizeof h->backing_file, "%.*s",
               (int) backing_len, (const char *) buf + backing_off);
-    ERR (q, "backing files are not supported yet (backing file: %s)",
-         h->backing_file);
-    return -ENOTSUP;
-  }
-  if (h->nb_snapshots != 0) {
-    ERR (q, "images with internal snapshots are not supported yet "
-         "(%" PRIu32 " snapshots)", h->nb_snapshots);
-    return -ENOTSUP;
+    if (strlen (h->backing_file) != backing_len) {
+      ERR (q, "backing file name contains a NUL byte");
+      return -EINVAL;
+    }
   }
 
   /* Sizes and tables. */

@@ -77,12 +77,39 @@ struct inflight {          /* a guest cluster range being allocated */
   struct inflight *next;
 };
 
+struct chain {               /* the images above one being opened */
+  int depth;
+  dev_t dev[16];
+  ino_t ino[16];
+};
+
+struct snapshot {
+  uint64_t l1_offset;
+  uint32_t l1_size;
+  char *id, *name;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec, vm_state_size, disk_size;
+  bool has_disk_size;
+};
+
 struct qcow {
   char *filename;
   int fd;
   bool read_only;          /* never write */
   bool corrupt;            /* header corrupt bit: forced read-only */
   struct qcow_config cfg;
+
+  /* internal snapshots (never modified) */
+  struct snapshot *snap;
+  uint32_t nsnap;
+  uint64_t snap_table_len;
+
+  /* backing file */
+  struct qcow *backing;    /* qcow2 backing image, or */
+  int backing_fd;          /* raw backing file, or -1 */
+  char *backing_path;      /* NULL: no backing file */
+  char backing_fmt[8];
+  uint64_t backing_size;
 
   /* header (host-endian) */
   struct qcow_header h;
@@ -178,6 +205,19 @@ int rc_write_structure (int fd, const char *file, unsigned cluster_bits,
                         unsigned refcount_order, const uint16_t *counts,
                         uint64_t nclusters, uint64_t *rct_offset, uint32_t *rct_clusters,
                         uint64_t *new_end);
+
+/* ---- backing.c ---- */
+int connect_chain (const char *path, const struct qcow_config *cfg,
+                   struct chain *chain, struct qcow **qp);
+int backing_open (struct qcow *q, struct chain *chain);
+void backing_close (struct qcow *q);
+int backing_read (struct qcow *q, void *buf, uint64_t count, uint64_t offset);
+int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,
+                 unsigned *flags);
+
+/* ---- snapshot.c ---- */
+int snapshots_load (struct qcow *q);
+void snapshots_free (struct qcow *q);
 
 /* ---- compress.c ---- */
 void compressed_extent (struct qcow *q, uint64_t ent, uint64_t *off, uint64_t *len);

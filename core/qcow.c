@@ -155,6 +155,8 @@ qcow_free (struct qcow *q)
     pthread_mutex_unlock (&q->lock);
     pthread_join (q->bg_thread, NULL);
   }
+  backing_close (q);
+  snapshots_free (q);
   cache_free (&q->l2c);
   cache_free (&q->rbc);
   if (q->fd >= 0)
@@ -195,13 +197,26 @@ read_table (struct qcow *q, uint64_t **tp, uint64_t n, uint64_t offset)
 int
 qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
 {
+  struct chain chain = { .depth = 0 };
+  struct stat st;
+  if (stat (path, &st) == 0) {
+    chain.dev[0] = st.st_dev;
+    chain.ino[0] = st.st_ino;
+  }
+  return connect_chain (path, cfg, &chain, qp);
+}
+
+int
+connect_chain (const char *path, const struct qcow_config *cfg,
+               struct chain *chain, struct qcow **qp)
+{
   struct qcow *q = calloc (1, sizeof *q);
   if (!q || !(q->filename = strdup (path))) {
     free (q);
     qcow_errorf (path, "out of memory");
     return -ENOMEM;
   }
-  q->fd = -1;
+  q->fd = q->backing_fd = -1;
   pthread_mutex_init (&q->lock, NULL);
   pthread_cond_init (&q->alloc_cond, NULL);
   pthread_mutex_init (&q->compact_lock, NULL);
@@ -290,6 +305,8 @@ qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
     r = -ENOMEM;
     goto fail;
   }
+  if ((r = snapshots_load (q)) < 0 || (r = backing_open (q, chain)) < 0)
+    goto fail;
   *qp = q;
   return 0;
  fail:
@@ -491,10 +508,17 @@ check_range (struct qcow *q, size_t count, uint64_t offset)
   return 0;
 }
 
-static bool
-reads_zero (enum ckind k)
+/* Clusters that read alike: zeros, the backing file, data, compressed. */
+enum rclass { R_ZERO, R_BACKING, R_DATA, R_COMPRESSED };
+static enum rclass
+read_class (struct qcow *q, enum ckind k)
 {
-  return k == C_UNALLOC || k == C_ZERO || k == C_ZERO_ALLOC;
+  switch (k) {
+  case C_UNALLOC: return q->backing_path ? R_BACKING : R_ZERO;
+  case C_DATA: return R_DATA;
+  case C_COMPRESSED: return R_COMPRESSED;
+  default: return R_ZERO;
+  }
 }
 
 /* ---- read ---- */
@@ -519,9 +543,10 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
       r = l2_lookup (q, gc + div_round_up (in + len, cs), &m2);
       if (r < 0)
         break;
-      bool same = (reads_zero (m.kind) && reads_zero (m2.kind)) ||
-        (m.kind == C_DATA && m2.kind == C_DATA &&
-         m2.host == m.host + ((in + len) & ~(cs - 1)));
+      enum rclass c = read_class (q, m.kind);
+      bool same = c == read_class (q, m2.kind) &&
+        (c == R_ZERO || c == R_BACKING ||
+         (c == R_DATA && m2.host == m.host + ((in + len) & ~(cs - 1))));
       if (!same)
         break;
       len += cs < count - len ? cs : count - len;
@@ -538,6 +563,8 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
         memcpy (p, c + in, len);
       free (c);
     }
+    else if (read_class (q, m.kind) == R_BACKING)
+      r = backing_read (q, p, len, offset);
     else
       memset (p, 0, len);
     if (r < 0)
@@ -578,36 +605,35 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
 {
   const uint64_t cs = q->cluster_size;
   uint64_t gc = offset >> q->cluster_bits, in = offset & (cs - 1);
-  uint64_t host, n = 1;
+  uint64_t host, n = 1, first;
   bool fresh = false, reuse = m->kind == C_ZERO_ALLOC && m->copied;
+  /* Where the rest of the new cluster comes from. */
+  bool from_backing = m->kind == C_UNALLOC && q->backing_path;
+  bool whole_base = m->kind == C_COMPRESSED || m->kind == C_DATA;   /* COW */
   int r;
 
-  /* The L2 table must exist before the data is written. */
+  /* The L2 table must exist (and not be shared) before the data is
+   * written. */
   struct centry *e;
   if ((r = l2_get_table (q, gc >> q->l2_bits, true, &e)) < 0)
     return r;
   if (reuse)
     host = m->host;
-  else if (m->kind == C_COMPRESSED) {
-    uint64_t first;
-    if ((r = rc_alloc (q, 1, &first, &n, &fresh)) < 0)
-      return r;
-    host = first << q->cluster_bits;
-  }
   else {
-    /* How many following clusters (same L2 table) also need allocation. */
-    uint64_t want = div_round_up (in + count, cs);
-    uint64_t table_left = (1ULL << q->l2_bits) - (gc & ((1ULL << q->l2_bits) - 1));
-    if (want > table_left) want = table_left;
-    while (n < want) {
-      struct cmap m2;
-      if ((r = l2_lookup (q, gc + n, &m2)) < 0)
-        return r;
-      if ((m2.kind != C_UNALLOC && m2.kind != C_ZERO) || inflight_find (q, gc + n))
-        break;
-      n++;
+    if (m->kind == C_UNALLOC || m->kind == C_ZERO) {
+      /* Following clusters of the same kind (same L2 table) join in. */
+      uint64_t want = div_round_up (in + count, cs);
+      uint64_t table_left = (1ULL << q->l2_bits) - (gc & ((1ULL << q->l2_bits) - 1));
+      if (want > table_left) want = table_left;
+      while (n < want) {
+        struct cmap m2;
+        if ((r = l2_lookup (q, gc + n, &m2)) < 0)
+          return r;
+        if (m2.kind != m->kind || inflight_find (q, gc + n))
+          break;
+        n++;
+      }
     }
-    uint64_t first;
     if ((r = rc_alloc (q, n, &first, &n, &fresh)) < 0)
       return r;
     host = first << q->cluster_bits;
@@ -618,34 +644,58 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
 
   uint64_t len = n * cs - in < count ? n * cs - in : count;
   uint64_t tail = n * cs - in - len;
-  if (m->kind == C_COMPRESSED) {
-    /* Decompress, merge, write the whole cluster uncompressed. */
+  if (whole_base) {
+    /* Copy on write: old content (decompressed or shared), merged. */
     uint8_t *c = malloc (cs);
-    r = c ? compressed_read (q, m->host, c) : -ENOMEM;
+    if (!c)
+      r = -ENOMEM;
+    else if (m->kind == C_COMPRESSED)
+      r = compressed_read (q, m->host, c);
+    else
+      r = io_pread (q, c, cs, m->host);
     if (r == 0) {
       memcpy (c + in, p, len);
       r = io_pwrite (q, c, cs, host);
     }
     free (c);
   }
-  else if (fresh) {
-    r = io_pwrite (q, p, len, host + in);
-  }
+  else if (fresh && !from_backing)
+    r = io_pwrite (q, p, len, host + in);   /* the rest already reads zero */
   else {
-    struct iovec iov[3];
-    int k = 0;
-    if (in) iov[k++] = (struct iovec) { q->zero_cluster, in };
-    iov[k++] = (struct iovec) { (void *) p, len };
-    if (tail) iov[k++] = (struct iovec) { q->zero_cluster, tail };
-    r = io_pwritev (q, iov, k, host);
+    uint8_t *head = q->zero_cluster, *tl = q->zero_cluster;
+    if (from_backing) {
+      head = in ? malloc (in) : NULL;
+      tl = tail ? malloc (tail) : NULL;
+      if ((in && !head) || (tail && !tl))
+        r = -ENOMEM;
+      if (r == 0 && in)
+        r = backing_read (q, head, in, gc * cs);
+      if (r == 0 && tail)
+        r = backing_read (q, tl, tail, offset + len);
+    }
+    if (r == 0) {
+      struct iovec iov[3];
+      int k = 0;
+      if (in) iov[k++] = (struct iovec) { head, in };
+      iov[k++] = (struct iovec) { (void *) p, len };
+      if (tail) iov[k++] = (struct iovec) { tl, tail };
+      r = io_pwritev (q, iov, k, host);
+    }
+    if (from_backing) {
+      free (head);
+      free (tl);
+    }
   }
 
   pthread_mutex_lock (&q->lock);
   if (r == 0) {
     for (uint64_t i = 0; i < n && r == 0; i++)
       r = l2_set (q, gc + i, (host + i * cs) | ENTRY_COPIED);
+    /* Our old reference goes once the new link is durable. */
     if (r == 0 && m->kind == C_COMPRESSED)
       compressed_defer_free (q, m->host);
+    else if (r == 0 && (m->kind == C_DATA || (m->kind == C_ZERO_ALLOC && !reuse)))
+      rc_defer_free (q, m->host >> q->cluster_bits);
   }
   else if (!reuse)
     rc_free (q, host >> q->cluster_bits, n);   /* never referenced */
@@ -686,18 +736,13 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
       uint64_t rc;
       if ((r = rc_get (q, m.host >> q->cluster_bits, &rc)) < 0)
         break;
-      if (rc != 1) {
-        ERR (q, "guest offset 0x%" PRIx64 " is in a shared cluster (refcount %"
-             PRIu64 "): writing to images with snapshots is not supported yet",
-             offset, rc);
-        r = -ENOTSUP;
-        break;
+      if (rc == 1) {            /* not shared after all: mark it so */
+        if ((r = l2_set (q, gc, m.host | ENTRY_COPIED)) < 0)
+          break;
+        m.copied = true;
       }
-      if ((r = l2_set (q, gc, m.host | ENTRY_COPIED)) < 0)
-        break;
-      m.copied = true;
     }
-    if (m.kind == C_DATA) {
+    if (m.kind == C_DATA && m.copied) {
       /* In place: extend over contiguous allocated clusters. */
       while (len < count) {
         if ((r = l2_lookup (q, gc + div_round_up (in + len, cs), &m2)) < 0)
@@ -750,7 +795,9 @@ map_locked (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *lenp,
     uint64_t idx = gc >> q->l2_bits;
     unsigned f;
     uint64_t step;
+    bool unalloc;
     if (!(q->l1[idx] & L1_OFFSET_MASK) && !cache_peek (&q->l2c, idx)) {
+      unalloc = true;
       f = QCOW_EXTENT_HOLE | QCOW_EXTENT_ZERO;
       step = ((idx + 1) << (q->l2_bits + q->cluster_bits)) - off;
     }
@@ -759,8 +806,14 @@ map_locked (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *lenp,
       int r = l2_lookup (q, gc, &m);
       if (r < 0)
         return r;
+      unalloc = m.kind == C_UNALLOC;
       f = kind_flags (m.kind);
       step = cs - (off & (cs - 1));
+    }
+    if (unalloc && q->backing_path) {       /* what shows through */
+      int r = backing_map (q, off, step < count - len ? step : count - len, &step, &f);
+      if (r < 0)
+        return r;
     }
     if (len == 0)
       flags = f;
@@ -938,6 +991,10 @@ qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss)
   if (new_size > (1ULL << 62)) {
     ERR (q, "new size %" PRIu64 " is too large", new_size);
     return -EFBIG;
+  }
+  if (new_size < q->h.size && q->nsnap) {
+    ERR (q, "cannot shrink an image that has internal snapshots");
+    return -ENOTSUP;
   }
   if (new_size < q->h.size && !ignore_data_loss) {
     ERR (q, "shrinking from %" PRIu64 " to %" PRIu64 " bytes would lose data "

@@ -39,6 +39,9 @@ struct qcow_config {
   uint64_t compact_after_unmaps; /* compact in the background once this many
                               bytes were freed; 0 = never */
   uint64_t keep_erased;    /* bytes of free space compaction leaves at the end */
+  bool no_backing;         /* refuse images that name a backing file */
+  const char *backing_file;    /* override the header's backing file */
+  const char *backing_format;  /* override its format: "qcow2" or "raw" */
 };
 void qcow_config_default (struct qcow_config *cfg);
 
@@ -105,6 +108,21 @@ void qcow_get_header (struct qcow *q, struct qcow_header *h);
 const char *qcow_feature_name (int type, int bit);
 void qcow_to_config (struct qcow *q, struct qcow_config *cfg);
 const char *qcow_filename (struct qcow *q);
+/* The backing file: returns 1 and sets its resolved *PATH, *FORMAT
+ * ("qcow2" or "raw") and *NEXT (the opened qcow2 backing image, NULL for
+ * raw), or returns 0 if there is none. */
+int qcow_backing_info (struct qcow *q, const char **path, const char **format,
+                       struct qcow **next);
+
+/* Internal snapshots (listed; the active layer is what is served). */
+struct qcow_snapshot_info {
+  const char *id, *name;       /* valid while the image is open */
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec, vm_state_size, disk_size;
+  uint32_t l1_size;
+};
+int qcow_snapshot_count (struct qcow *q);
+int qcow_get_snapshot (struct qcow *q, int i, struct qcow_snapshot_info *info);
 
 /* Byte-granular I/O: any offset and count inside the virtual size. */
 #define QCOW_FUA 1u            /* write: durable before returning */

@@ -487,6 +487,43 @@ count_ref (struct qcow *q, uint16_t *counts, uint64_t E, uint64_t off,
   return 0;
 }
 
+/* Count the L2 tables and data clusters reachable from an L1 table. */
+static int
+count_l1 (struct qcow *q, uint16_t *counts, uint64_t E, const uint64_t *l1,
+          uint64_t n, bool active, uint64_t *l2)
+{
+  const uint64_t cs = q->cluster_size;
+  int r;
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t l2off = l1[i] & L1_OFFSET_MASK;
+    if (!l2off)
+      continue;
+    if ((r = count_ref (q, counts, E, l2off, 1, "L2 table")) < 0)
+      return r;
+    struct centry *e = active ? cache_peek (&q->l2c, i) : NULL;
+    if (e)
+      memcpy (l2, e->data, cs);
+    else if ((r = io_pread (q, l2, cs, l2off)) < 0)
+      return r;
+    for (uint64_t j = 0; j < cs / 8; j++) {
+      uint64_t ent = be64toh (l2[j]);
+      if (ent & ENTRY_COMPRESSED) {
+        uint64_t coff, clen;
+        compressed_extent (q, ent, &coff, &clen);
+        uint64_t c0 = coff >> q->cluster_bits, c1 = (coff + clen - 1) >> q->cluster_bits;
+        for (uint64_t c = c0; c <= c1; c++)
+          if ((r = count_ref (q, counts, E, c << q->cluster_bits, 1, "compressed cluster")) < 0)
+            return r;
+        continue;
+      }
+      uint64_t off = ent & L2_OFFSET_MASK;
+      if (off && (r = count_ref (q, counts, E, off, 1, "data cluster")) < 0)
+        return r;
+    }
+  }
+  return 0;
+}
+
 /* Recount every reference and write a fresh refcount structure past the
  * end of the file.  Call with q->lock held and the L2 cache clean. */
 int
@@ -504,33 +541,29 @@ rc_rebuild (struct qcow *q)
       (r = count_ref (q, counts, E, q->h.l1_table_offset,
                       div_round_up ((uint64_t) q->h.l1_size * 8, cs), "L1 table")) < 0)
     goto out;
-  for (uint64_t i = 0; i < q->h.l1_size; i++) {
-    uint64_t l2off = q->l1[i] & L1_OFFSET_MASK;
-    if (!l2off)
+  if ((r = count_l1 (q, counts, E, q->l1, q->h.l1_size, true, l2)) < 0)
+    goto out;
+  if (q->nsnap &&
+      (r = count_ref (q, counts, E, q->h.snapshots_offset,
+                      div_round_up (q->snap_table_len, cs), "snapshot table")) < 0)
+    goto out;
+  for (uint32_t i = 0; i < q->nsnap; i++) {
+    const struct snapshot *sn = &q->snap[i];
+    if (sn->l1_size == 0)
       continue;
-    if ((r = count_ref (q, counts, E, l2off, 1, "L2 table")) < 0)
+    uint64_t *sl1 = malloc ((uint64_t) sn->l1_size * 8);
+    if (!sl1) { r = -ENOMEM; goto out; }
+    r = count_ref (q, counts, E, sn->l1_offset,
+                   div_round_up ((uint64_t) sn->l1_size * 8, cs), "snapshot L1 table");
+    if (r == 0)
+      r = io_pread (q, sl1, (uint64_t) sn->l1_size * 8, sn->l1_offset);
+    for (uint32_t j = 0; r == 0 && j < sn->l1_size; j++)
+      sl1[j] = be64toh (sl1[j]);
+    if (r == 0)
+      r = count_l1 (q, counts, E, sl1, sn->l1_size, false, l2);
+    free (sl1);
+    if (r < 0)
       goto out;
-    struct centry *e = cache_peek (&q->l2c, i);
-    if (e)
-      memcpy (l2, e->data, cs);
-    else if ((r = io_pread (q, l2, cs, l2off)) < 0)
-      goto out;
-    for (uint64_t j = 0; j < cs / 8; j++) {
-      uint64_t ent = be64toh (l2[j]);
-      if (ent & ENTRY_COMPRESSED) {
-        uint64_t coff, clen;
-        compressed_extent (q, ent, &coff, &clen);
-        uint64_t c0 = coff >> q->cluster_bits, c1 = (coff + clen - 1) >> q->cluster_bits;
-        for (uint64_t c = c0; c <= c1 && r == 0; c++)
-          r = count_ref (q, counts, E, c << q->cluster_bits, 1, "compressed cluster");
-        if (r < 0)
-          goto out;
-        continue;
-      }
-      uint64_t off = ent & L2_OFFSET_MASK;
-      if (off && (r = count_ref (q, counts, E, off, 1, "data cluster")) < 0)
-        goto out;
-    }
   }
   uint64_t rct_off, new_end;
   uint32_t rct_clusters;

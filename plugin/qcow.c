@@ -26,6 +26,7 @@ static int create_mode;                 /* 0, 1 = create=true, 2 = create=force 
 static int64_t create_size = -1;        /* size= */
 static int64_t cluster_size = 65536;    /* cluster-size= */
 static int lazy_refcounts = 1;          /* lazy-refcounts= */
+static char *backing_file;             /* backing-file= */
 static struct qcow_config config;
 static struct qcow *image;              /* one image shared by every connection */
 
@@ -68,6 +69,7 @@ qcow_unload (void)
     qcow_disconnect (image);
   image = NULL;
   free (filename);
+  free (backing_file);
 }
 
 static int
@@ -130,6 +132,24 @@ qcow_config_key (const char *key, const char *value)
       return -1;
     config.keep_erased = v;
   }
+  else if (strcmp (key, "backing") == 0) {
+    if ((b = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    config.no_backing = !b;
+  }
+  else if (strcmp (key, "backing-file") == 0) {
+    free (backing_file);
+    if (!(backing_file = nbdkit_realpath (value)))
+      return -1;
+    config.backing_file = backing_file;
+  }
+  else if (strcmp (key, "backing-format") == 0) {
+    if (strcmp (value, "qcow2") != 0 && strcmp (value, "raw") != 0) {
+      nbdkit_error ("backing-format must be qcow2 or raw");
+      return -1;
+    }
+    config.backing_format = strcmp (value, "raw") == 0 ? "raw" : "qcow2";
+  }
   else if (strcmp (key, "discard") == 0) {
     if ((b = nbdkit_parse_bool (value)) == -1)
       return -1;
@@ -184,6 +204,9 @@ qcow_config_complete (void)
   "cluster-size=<SIZE>   Cluster size of the new image (default 64K).\n" \
   "lazy-refcounts=BOOL   Lazy refcounts in the new image (default true).\n" \
   "discard=BOOL          Honour trim requests (default true).\n" \
+  "backing=false         Refuse images that name a backing file.\n" \
+  "backing-file=<PATH>   Use this backing file instead of the header's.\n" \
+  "backing-format=qcow2|raw  Its format (unrecorded formats open as raw).\n" \
   "compact-after-unmaps=<SIZE>  Compact in the background once SIZE was freed.\n" \
   "keep-erased=<SIZE>    Free space compaction keeps at the end of the file."
 
@@ -222,7 +245,7 @@ qcow_dump_plugin (void)
   printf ("qcow_cluster_sizes=512-2M\n");
   printf ("qcow_refcount_bits=1,2,4,8,16,32,64\n");
   printf ("qcow_features=lazy-refcounts,dirty-bit,corrupt-bit,zero-clusters,"
-          "extents,fua,multi-conn,trim,zero,fast-zero,compaction,create\n");
+          "extents,fua,multi-conn,trim,zero,fast-zero,compaction,compressed,backing,snapshots,create\n");
 }
 
 static void *

@@ -1,0 +1,167 @@
+/* backing.c - backing files: a qcow2 or raw image that shows through
+ * wherever the top image is unallocated, through chains of any depth up
+ * to a fixed limit.  Backing files are opened read-only and never
+ * written.  The format comes from the backing-format header extension (or
+ * the backing-format= override); a file whose format is not recorded is
+ * opened as raw, never probed: a guest could otherwise plant a qcow2
+ * header in its raw disk and make us open host files. */
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define MAX_CHAIN 16
+
+/* Open the backing file named by Q's header (or by the overrides in
+ * Q's config).  CHAIN holds the (dev, ino) of every image above. */
+int
+backing_open (struct qcow *q, struct chain *chain)
+{
+  const char *name = q->cfg.backing_file ? q->cfg.backing_file : q->h.backing_file;
+  const char *fmt = q->cfg.backing_format ? q->cfg.backing_format : q->h.backing_format;
+  int r;
+
+  if (!q->cfg.backing_file && q->h.backing_file[0] == '\0')
+    return 0;
+  if (q->cfg.no_backing) {
+    ERR (q, "image has a backing file (%s) and backing=false", name);
+    return -EPERM;
+  }
+  if (chain->depth + 1 >= MAX_CHAIN) {
+    ERR (q, "backing chain is deeper than %d images", MAX_CHAIN);
+    return -ELOOP;
+  }
+  if (strchr (name, ':') && !strchr (name, '/')) {
+    ERR (q, "backing file '%s' names a protocol: not supported", name);
+    return -ENOTSUP;
+  }
+  bool raw;
+  if (fmt[0] == '\0' || strcmp (fmt, "raw") == 0)
+    raw = true;
+  else if (strcmp (fmt, "qcow2") == 0)
+    raw = false;
+  else {
+    ERR (q, "backing file format '%s' is not supported (only qcow2 and raw)", fmt);
+    return -ENOTSUP;
+  }
+
+  /* Relative names resolve against the image's directory, as QEMU does. */
+  char *path;
+  if (name[0] == '/' || q->cfg.backing_file)
+    path = strdup (name);
+  else {
+    char *dir = strdup (q->filename);
+    path = NULL;
+    if (dir && asprintf (&path, "%s/%s", dirname (dir), name) == -1)
+      path = NULL;
+    free (dir);
+  }
+  if (!path)
+    return -ENOMEM;
+  q->backing_path = path;
+  snprintf (q->backing_fmt, sizeof q->backing_fmt, "%s", raw ? "raw" : "qcow2");
+
+  struct stat st;
+  if (stat (path, &st) == -1) {
+    r = -errno;
+    ERR (q, "backing file %s: %s", path, strerror (errno));
+    return r;
+  }
+  for (int i = 0; i <= chain->depth; i++)
+    if (chain->dev[i] == st.st_dev && chain->ino[i] == st.st_ino) {
+      ERR (q, "backing chain loops back to %s", path);
+      return -ELOOP;
+    }
+
+  if (raw) {
+    q->backing_fd = open (path, O_RDONLY | O_CLOEXEC);
+    if (q->backing_fd == -1) {
+      r = -errno;
+      ERR (q, "backing file %s: %s", path, strerror (errno));
+      return r;
+    }
+    off_t size = lseek (q->backing_fd, 0, SEEK_END);
+    if (size < 0) {
+      r = -errno;
+      ERR (q, "backing file %s: %s", path, strerror (errno));
+      return r;
+    }
+    q->backing_size = size;
+    return 0;
+  }
+  struct qcow_config cfg;
+  qcow_config_default (&cfg);
+  cfg.read_only = true;
+  cfg.cache_size = q->cfg.cache_size;
+  chain->depth++;
+  chain->dev[chain->depth] = st.st_dev;
+  chain->ino[chain->depth] = st.st_ino;
+  r = connect_chain (path, &cfg, chain, &q->backing);
+  chain->depth--;
+  if (r < 0)
+    return r;
+  q->backing_size = q->backing->h.size;
+  return 0;
+}
+
+void
+backing_close (struct qcow *q)
+{
+  if (q->backing)
+    qcow_disconnect (q->backing);
+  if (q->backing_fd >= 0)
+    close (q->backing_fd);
+  q->backing = NULL;
+  q->backing_fd = -1;
+  free (q->backing_path);
+  q->backing_path = NULL;
+}
+
+/* What the backing chain shows at [offset, offset+count): zeros past its
+ * end. */
+int
+backing_read (struct qcow *q, void *buf, uint64_t count, uint64_t offset)
+{
+  uint64_t avail = offset < q->backing_size ? q->backing_size - offset : 0;
+  uint64_t n = count < avail ? count : avail;
+  int r = 0;
+  if (n > 0)
+    r = q->backing ? qcow_read (q->backing, buf, n, offset)
+                   : io_pread_fd (q->backing_fd, q->backing_path, buf, n, offset, true);
+  if (r == 0 && n < count)
+    memset ((uint8_t *) buf + n, 0, count - n);
+  return r;
+}
+
+/* Block status of the backing chain at OFFSET. */
+int
+backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,
+             unsigned *flags)
+{
+  if (offset >= q->backing_size) {
+    *len = count;
+    *flags = QCOW_EXTENT_HOLE | QCOW_EXTENT_ZERO;
+    return 0;
+  }
+  if (count > q->backing_size - offset)
+    count = q->backing_size - offset;
+  if (q->backing)
+    return qcow_map (q->backing, offset, count, len, flags);
+  *len = count;                 /* raw: all data */
+  *flags = 0;
+  return 0;
+}
+
+int
+qcow_backing_info (struct qcow *q, const char **path, const char **format,
+                   struct qcow **next)
+{
+  *path = q->backing_path;
+  *format = q->backing_path ? q->backing_fmt : NULL;
+  *next = q->backing;
+  return q->backing_path != NULL;
+}
