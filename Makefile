@@ -33,11 +33,11 @@ TOOL    := $(O)/qcow-tool
 MAN     := nbdkit-qcow-plugin.1
 
 # Debian packages needed to build, test and benchmark.
-DEPS_BUILD = gcc make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev perl
+DEPS_BUILD = gcc clang make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev perl
 DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
-.PHONY: all deps run check bench install clean fuzz unit
+.PHONY: all deps run check bench install clean fuzz fuzz-build unit
 all: $(PLUGIN) $(TOOL) $(MAN)
 
 $(O)/obj/core/%.o: core/%.c core/*.h
@@ -102,11 +102,25 @@ bench: deps
 	$(MAKE) all
 	bench/run
 
+# libFuzzer targets (clang): fuzz/fuzz-*.c, each linked with the core.
+FUZZ_SECONDS ?= 60
+FUZZ_SRCS := $(wildcard fuzz/fuzz-*.c)
+FUZZ_BINS := $(patsubst fuzz/%.c,build-fuzz/%,$(FUZZ_SRCS))
+FUZZ_CFLAGS = -std=gnu11 -g -O1 -fno-omit-frame-pointer -D_GNU_SOURCE -Icore \
+              -fsanitize=fuzzer,address,undefined -Wall -Wextra -Werror
+build-fuzz/%: fuzz/%.c $(CORE_SRCS) core/*.h
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) -o $@ $< $(CORE_SRCS) $(LIBS)
+fuzz-build: $(FUZZ_BINS)
+fuzz: deps
+	$(MAKE) fuzz-build
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run
+
 install: all
 	install -D -m 755 $(PLUGIN) $(DESTDIR)$$(pkg-config --variable=plugindir nbdkit 2>/dev/null || echo $(PREFIX)/lib/nbdkit/plugins)/nbdkit-qcow-plugin.so
 	install -D -m 755 $(TOOL) $(DESTDIR)$(PREFIX)/bin/qcow-tool
 	install -D -m 644 $(MAN) $(DESTDIR)$(PREFIX)/share/man/man1/$(MAN)
 
 clean:
-	rm -rf obj build-san tests/unit-*.o qcow.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
+	rm -rf obj build-san build-fuzz tests/unit-*.o qcow.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
 	rm -rf ./tests/bin

@@ -421,11 +421,7 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
     uint64_t keep = div_round_up (q->cfg.keep_erased, q->cluster_size);
     uint64_t new_size = (end + keep) << q->cluster_bits;
     if (r == 0 && new_size < q->file_size && q->inflight == NULL) {
-      if (ftruncate (q->fd, new_size) == -1) {
-        r = -errno;
-        ERR (q, "truncate: %s", strerror (errno));
-      }
-      else {
+      if ((r = io_truncate (q, new_size)) == 0) {
         q->file_size = new_size;
         q->frontier = end + keep;
         if (q->free_hint > end)

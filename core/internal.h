@@ -172,6 +172,8 @@ int io_pwrite_fd (int fd, const char *file, const void *buf, size_t count, uint6
 int io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
 int io_sync (struct qcow *q);
 int io_punch (struct qcow *q, uint64_t offset, uint64_t len);
+int io_truncate (struct qcow *q, uint64_t size);
+void fault_from_env (void);
 
 /* ---- header.c ---- */
 int header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size);

@@ -3,14 +3,104 @@
 #include <unistd.h>
 #include <stdlib.h>
 #include <sys/uio.h>
+#include <stdio.h>
 
 #include "internal.h"
+
+/* ---- fault injection (Debug) ---- */
+static struct {
+  uint64_t count, nth;          /* nth == 0: not armed */
+  int err;
+  bool short_write, persistent;
+} faults[QCOW_FAULT_NR];
+static uint64_t nfaults;
+
+void
+qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
+                   bool short_write, bool persistent)
+{
+  if (op >= QCOW_FAULT_NR)
+    return;
+  __atomic_store_n (&faults[op].count, 0, __ATOMIC_SEQ_CST);
+  faults[op].err = err ? err : EIO;
+  faults[op].short_write = short_write;
+  faults[op].persistent = persistent;
+  __atomic_store_n (&faults[op].nth, nth, __ATOMIC_SEQ_CST);
+}
+
+void
+qcow_debug_reset (void)
+{
+  for (int i = 0; i < QCOW_FAULT_NR; i++) {
+    __atomic_store_n (&faults[i].nth, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n (&faults[i].count, 0, __ATOMIC_SEQ_CST);
+  }
+}
+
+uint64_t qcow_debug_count (enum qcow_fault_op op)
+{ return op < QCOW_FAULT_NR ? __atomic_load_n (&faults[op].count, __ATOMIC_SEQ_CST) : 0; }
+uint64_t qcow_debug_faults (void)
+{ return __atomic_load_n (&nfaults, __ATOMIC_SEQ_CST); }
+
+/* 0, or the -errno this call must fail with (*SHORT: write half first). */
+static int
+fault (enum qcow_fault_op op, bool *short_write)
+{
+  uint64_t c = __atomic_add_fetch (&faults[op].count, 1, __ATOMIC_SEQ_CST);
+  uint64_t nth = __atomic_load_n (&faults[op].nth, __ATOMIC_SEQ_CST);
+  if (nth == 0 || c < nth || (c > nth && !faults[op].persistent))
+    return 0;
+  if (short_write)
+    *short_write = faults[op].short_write;
+  __atomic_add_fetch (&nfaults, 1, __ATOMIC_SEQ_CST);
+  return -faults[op].err;
+}
+
+/* QCOW_DEBUG_FAULT="op:nth:errno[:short][:persistent]" */
+void
+fault_from_env (void)
+{
+  static const char *ops[] = { "read", "write", "sync", "punch", "truncate" };
+  static const struct { const char *name; int e; } errs[] = {
+    { "EIO", EIO }, { "ENOSPC", ENOSPC }, { "EDQUOT", EDQUOT }, { "EROFS", EROFS },
+    { "EPERM", EPERM }, { "ENOMEM", ENOMEM }, { "EINTR", EINTR },
+  };
+  const char *env = getenv ("QCOW_DEBUG_FAULT");
+  if (!env || !*env)
+    return;
+  char buf[128], *save = NULL;
+  snprintf (buf, sizeof buf, "%s", env);
+  char *op = strtok_r (buf, ":", &save), *nth = strtok_r (NULL, ":", &save);
+  char *err = strtok_r (NULL, ":", &save), *flag;
+  if (!op || !nth)
+    return;
+  int e = EIO;
+  if (err) {
+    e = atoi (err);
+    for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++)
+      if (strcmp (err, errs[i].name) == 0)
+        e = errs[i].e;
+  }
+  bool sw = false, pers = false;
+  while ((flag = strtok_r (NULL, ":", &save))) {
+    sw |= strcmp (flag, "short") == 0;
+    pers |= strcmp (flag, "persistent") == 0;
+  }
+  for (int i = 0; i < QCOW_FAULT_NR; i++)
+    if (strcmp (op, ops[i]) == 0)
+      qcow_debug_inject (i, strtoull (nth, NULL, 10), e ? e : EIO, sw, pers);
+}
 
 int
 io_pread_fd (int fd, const char *file, void *buf, size_t count, uint64_t offset,
              bool zero_past_eof)
 {
   uint8_t *p = buf;
+  int f = fault (QCOW_FAULT_READ, NULL);
+  if (f < 0) {
+    qcow_errorf (file, "read at offset %" PRIu64 ": %s (injected)", offset, strerror (-f));
+    return f;
+  }
   while (count > 0) {
     ssize_t r = pread (fd, p, count, (off_t) offset);
     if (r < 0) {
@@ -45,6 +135,14 @@ io_pwrite_fd (int fd, const char *file, const void *buf, size_t count,
               uint64_t offset)
 {
   const uint8_t *p = buf;
+  bool torn = false;
+  int f = fault (QCOW_FAULT_WRITE, &torn);
+  if (f < 0) {
+    if (torn && count > 1 && pwrite (fd, p, count / 2, (off_t) offset) < 0)
+      f = -errno;
+    qcow_errorf (file, "write at offset %" PRIu64 ": %s (injected)", offset, strerror (-f));
+    return f;
+  }
   while (count > 0) {
     ssize_t r = pwrite (fd, p, count, (off_t) offset);
     if (r < 0) {
@@ -86,6 +184,14 @@ io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
   for (int i = 0; i < iovcnt; i++)
     total += iov[i].iov_len;
   uint64_t off = offset;
+  bool torn = false;
+  int f = fault (QCOW_FAULT_WRITE, &torn);
+  if (f < 0) {
+    if (torn && iov[0].iov_len > 1 && pwrite (q->fd, iov[0].iov_base, iov[0].iov_len / 2, (off_t) off) < 0)
+      f = -errno;
+    ERR (q, "write at offset %" PRIu64 ": %s (injected)", off, strerror (-f));
+    return f;
+  }
   while (iovcnt > 0) {
     ssize_t r = pwritev (q->fd, iov, iovcnt, (off_t) off);
     if (r < 0) {
@@ -111,6 +217,11 @@ io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
 int
 io_sync (struct qcow *q)
 {
+  int f = fault (QCOW_FAULT_SYNC, NULL);
+  if (f < 0) {
+    ERR (q, "fdatasync: %s (injected)", strerror (-f));
+    return f;
+  }
   __atomic_store_n (&q->data_unsynced, false, __ATOMIC_RELAXED);
   if (fdatasync (q->fd) == -1) {
     int e = errno;
@@ -125,8 +236,22 @@ io_sync (struct qcow *q)
 int
 io_punch (struct qcow *q, uint64_t offset, uint64_t len)
 {
+  int f = fault (QCOW_FAULT_PUNCH, NULL);
+  if (f < 0)
+    return f;
   if (fallocate (q->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  (off_t) offset, (off_t) len) == -1)
     return -errno;
   return 0;
+}
+
+int
+io_truncate (struct qcow *q, uint64_t size)
+{
+  int f = fault (QCOW_FAULT_TRUNCATE, NULL);
+  if (f == 0 && ftruncate (q->fd, (off_t) size) == -1)
+    f = -errno;
+  if (f < 0)
+    ERR (q, "truncate to %" PRIu64 " bytes: %s", size, strerror (-f));
+  return f;
 }

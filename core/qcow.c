@@ -197,6 +197,8 @@ read_table (struct qcow *q, uint64_t **tp, uint64_t n, uint64_t offset)
 int
 qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
 {
+  static pthread_once_t env_once = PTHREAD_ONCE_INIT;
+  pthread_once (&env_once, fault_from_env);
   struct chain chain = { .depth = 0 };
   struct stat st;
   if (stat (path, &st) == 0) {

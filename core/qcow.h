@@ -199,4 +199,22 @@ void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
 /* Bytes of guest data allocated (clusters mapped in L2 tables). */
 int qcow_allocated_bytes (struct qcow *q, uint64_t *bytes);
 
+/* Debug: fault injection at the I/O layer (the OCaml library's Debug
+ * module).  Process-wide.  Arm OP so that its NTH call from now (1-based)
+ * fails with ERR; with SHORT a write first writes half its bytes (a torn
+ * write); with PERSISTENT every later call fails too (a dead disk).  The
+ * environment variable QCOW_DEBUG_FAULT="op:nth:errno[:short][:persistent]"
+ * (op = read|write|sync|punch|truncate, errno a number or EIO/ENOSPC/...)
+ * arms it when an image is opened. */
+enum qcow_fault_op {
+  QCOW_FAULT_READ, QCOW_FAULT_WRITE, QCOW_FAULT_SYNC, QCOW_FAULT_PUNCH,
+  QCOW_FAULT_TRUNCATE, QCOW_FAULT_NR
+};
+void qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
+                        bool short_write, bool persistent);
+void qcow_debug_reset (void);
+/* Calls of OP since the last inject/reset, and faults injected in all. */
+uint64_t qcow_debug_count (enum qcow_fault_op op);
+uint64_t qcow_debug_faults (void);
+
 #endif /* QCOW_H */
