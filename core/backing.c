@@ -111,6 +111,11 @@ backing_open (struct qcow *q, struct chain *chain)
 void
 backing_close (struct qcow *q)
 {
+  if (q->data_fd >= 0 && q->data_fd != q->fd)
+    close (q->data_fd);
+  q->data_fd = -1;
+  free (q->data_path);
+  q->data_path = NULL;
   if (q->backing)
     qcow_disconnect (q->backing);
   if (q->backing_fd >= 0)
@@ -164,4 +169,43 @@ qcow_backing_info (struct qcow *q, const char **path, const char **format,
   *format = q->backing_path ? q->backing_fmt : NULL;
   *next = q->backing;
   return q->backing_path != NULL;
+}
+
+/* Open the external data file (incompatible feature bit 2): named by the
+ * header extension (relative to the image's directory) or the
+ * data_file override. */
+int
+data_file_open (struct qcow *q)
+{
+  q->data_fd = q->fd;
+  if (!(q->h.incompatible_features & QCOW_INCOMPAT_DATA_FILE))
+    return 0;
+  const char *name = q->cfg.data_file ? q->cfg.data_file : q->h.data_file;
+  if (!name[0]) {
+    ERR (q, "image uses an external data file but does not name it");
+    return -EINVAL;
+  }
+  q->data_raw = q->h.autoclear_features & QCOW_AUTOCLEAR_DATA_RAW;
+  if (q->data_raw && q->h.backing_file[0]) {
+    ERR (q, "a raw external data file cannot be combined with a backing file");
+    return -EINVAL;
+  }
+  if (name[0] == '/' || q->cfg.data_file)
+    q->data_path = strdup (name);
+  else {
+    char *dir = strdup (q->filename);
+    if (dir && asprintf (&q->data_path, "%s/%s", dirname (dir), name) == -1)
+      q->data_path = NULL;
+    free (dir);
+  }
+  if (!q->data_path)
+    return -ENOMEM;
+  int fd = open (q->data_path, (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (fd == -1) {
+    int e = errno;
+    ERR (q, "external data file %s: %s", q->data_path, strerror (e));
+    return -e;
+  }
+  q->data_fd = fd;
+  return 0;
 }

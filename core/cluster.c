@@ -106,6 +106,11 @@ l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
   }
   uint64_t ent = rd64 (e->data + 8 * (gc & ((1ULL << q->l2_bits) - 1)));
   m->copied = ent & ENTRY_COPIED;
+  if ((ent & ENTRY_COMPRESSED) && q->data_path) {
+    ERR (q, "compressed cluster at guest offset 0x%" PRIx64 " in an image with "
+         "an external data file", gc << q->cluster_bits);
+    return -EIO;
+  }
   if (ent & ENTRY_COMPRESSED) {
     m->kind = C_COMPRESSED;
     m->host = ent;
@@ -113,6 +118,20 @@ l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
   }
   uint64_t off = ent & L2_OFFSET_MASK;
   bool zero = q->h.version >= 3 && (ent & ENTRY_ZERO);
+  if (q->data_path) {
+    /* External data file: host offset = guest offset, or unallocated. */
+    bool alloc = off || (ent & ENTRY_COPIED);
+    if (alloc && off != gc << q->cluster_bits) {
+      ERR (q, "L2 entry for guest offset 0x%" PRIx64 " points to 0x%" PRIx64
+           ": with an external data file they must be equal",
+           gc << q->cluster_bits, off);
+      return -EIO;
+    }
+    m->copied = true;
+    m->host = off;
+    m->kind = zero ? (alloc ? C_ZERO_ALLOC : C_ZERO) : alloc ? C_DATA : C_UNALLOC;
+    return 0;
+  }
   if (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
               off >= q->file_size)) {
     ERR (q, "L2 entry for guest offset 0x%" PRIx64 " points to 0x%" PRIx64

@@ -100,7 +100,8 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
       r = add_source (l, l2off >> q->cluster_bits, SRC_L2, i);
     for (uint64_t j = 0; j < (1ULL << q->l2_bits) && r == 0; j++) {
       uint64_t ent = rd64 (buf + 8 * j), host = ent & L2_OFFSET_MASK;
-      if (ent & ENTRY_COMPRESSED || !host || (host >> q->cluster_bits) < bound)
+      if (ent & ENTRY_COMPRESSED || !host || q->data_path ||
+          (host >> q->cluster_bits) < bound)
         continue;
       bool zero = q->h.version >= 3 && (ent & ENTRY_ZERO);
       if (!(ent & ENTRY_COPIED))

@@ -35,10 +35,13 @@ clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
       return 0;
     break;
   case C_DATA:
+    if (q->data_raw && !trim)
+      mode = CLEAR_ZERO_KEEP;   /* the raw data file must read zeros too */
     if (mode == CLEAR_ZERO_KEEP && m.copied) {
+      if (q->data_raw || q->h.version < 3)
+        *write_host = m.host;
       if (q->h.version >= 3)
         return l2_set (q, gc, m.host | ENTRY_ZERO | ENTRY_COPIED);
-      *write_host = m.host;
       return 0;
     }
     break;
@@ -53,6 +56,8 @@ clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
     return r;
   if (m.kind == C_COMPRESSED)
     compressed_defer_free (q, m.host);
+  else if (q->data_path)
+    rc_defer_free (q, (m.host >> q->cluster_bits) | DEFER_DATA_FILE);
   else
     rc_defer_free (q, m.host >> q->cluster_bits);
   return 0;
@@ -93,7 +98,7 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
         break;
       }
       pthread_mutex_unlock (&q->lock);
-      r = io_pwrite (q, q->zero_cluster, cs, host);
+      r = io_dpwrite (q, q->zero_cluster, cs, host);
       pthread_mutex_lock (&q->lock);
     }
     if (r == 0)

@@ -148,6 +148,9 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
       break;
     case EXT_DATA_FILE:
       have_data_file_ext = true;
+      snprintf (h->data_file, sizeof h->data_file, "%.*s",
+                (int) (len < sizeof h->data_file ? len : sizeof h->data_file - 1),
+                (const char *) data);
       break;
     case EXT_ENCRYPTION:
       have_crypt_ext = true;
@@ -173,10 +176,18 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
          h->crypt_method == 1 ? "AES" : h->crypt_method == 2 ? "LUKS" : "unknown");
     return -ENOTSUP;
   }
-  if (h->incompatible_features & QCOW_INCOMPAT_DATA_FILE || have_data_file_ext) {
-    ERR (q, "images with an external data file are not supported yet");
-    return -ENOTSUP;
+  if (!(h->incompatible_features & QCOW_INCOMPAT_DATA_FILE)) {
+    h->data_file[0] = '\0';    /* a name without the feature is ignored */
+    if (h->autoclear_features & QCOW_AUTOCLEAR_DATA_RAW) {
+      ERR (q, "raw external data bit set without an external data file");
+      return -EINVAL;
+    }
   }
+  else if (h->nb_snapshots) {
+    ERR (q, "an image with an external data file cannot have snapshots");
+    return -EINVAL;
+  }
+  (void) have_data_file_ext;
   if (h->incompatible_features & QCOW_INCOMPAT_EXTL2) {
     ERR (q, "images with extended L2 entries (subclusters) are not supported yet");
     return -ENOTSUP;

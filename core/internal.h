@@ -40,6 +40,7 @@
 #define L2_OFFSET_MASK    0x00fffffffffffe00ULL
 #define L2_RESERVED_MASK  0x3f000000000001feULL
 #define RCT_OFFSET_MASK   0xfffffffffffffe00ULL
+#define DEFER_DATA_FILE   (1ULL << 63)  /* deferred: punch in the data file */
 
 #define KNOWN_INCOMPAT (QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | \
                         QCOW_INCOMPAT_DATA_FILE | QCOW_INCOMPAT_COMPRESSION | \
@@ -103,6 +104,12 @@ struct qcow {
   struct snapshot *snap;
   uint32_t nsnap;
   uint64_t snap_table_len;
+
+  /* external data file (guest data at host offset = guest offset, not
+   * refcounted); data_fd == fd when there is none */
+  int data_fd;
+  char *data_path;
+  bool data_raw;           /* autoclear bit 1: it is a valid raw image */
 
   /* backing file */
   struct qcow *backing;    /* qcow2 backing image, or */
@@ -171,7 +178,10 @@ int io_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
 int io_pwrite_fd (int fd, const char *file, const void *buf, size_t count, uint64_t offset);
 int io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
 int io_sync (struct qcow *q);
-int io_punch (struct qcow *q, uint64_t offset, uint64_t len);
+int io_punch (struct qcow *q, bool data, uint64_t offset, uint64_t len);
+int io_dpread (struct qcow *q, void *buf, size_t count, uint64_t offset);
+int io_dpwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
+int io_dpwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
 int io_truncate (struct qcow *q, uint64_t size);
 void fault_from_env (void);
 
@@ -212,6 +222,7 @@ int rc_write_structure (int fd, const char *file, unsigned cluster_bits,
 int connect_chain (const char *path, const struct qcow_config *cfg,
                    struct chain *chain, struct qcow **qp);
 int backing_open (struct qcow *q, struct chain *chain);
+int data_file_open (struct qcow *q);
 void backing_close (struct qcow *q);
 int backing_read (struct qcow *q, void *buf, uint64_t count, uint64_t offset);
 int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,

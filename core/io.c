@@ -177,8 +177,9 @@ io_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset)
   return r;
 }
 
-int
-io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
+static int
+pwritev_fd (struct qcow *q, int fd, const char *file, struct iovec *iov, int iovcnt,
+            uint64_t offset)
 {
   uint64_t total = 0;
   for (int i = 0; i < iovcnt; i++)
@@ -187,18 +188,18 @@ io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
   bool torn = false;
   int f = fault (QCOW_FAULT_WRITE, &torn);
   if (f < 0) {
-    if (torn && iov[0].iov_len > 1 && pwrite (q->fd, iov[0].iov_base, iov[0].iov_len / 2, (off_t) off) < 0)
+    if (torn && iov[0].iov_len > 1 && pwrite (fd, iov[0].iov_base, iov[0].iov_len / 2, (off_t) off) < 0)
       f = -errno;
-    ERR (q, "write at offset %" PRIu64 ": %s (injected)", off, strerror (-f));
+    qcow_errorf (file, "write at offset %" PRIu64 ": %s (injected)", off, strerror (-f));
     return f;
   }
   while (iovcnt > 0) {
-    ssize_t r = pwritev (q->fd, iov, iovcnt, (off_t) off);
+    ssize_t r = pwritev (fd, iov, iovcnt, (off_t) off);
     if (r < 0) {
       if (errno == EINTR)
         continue;
       int e = errno;
-      ERR (q, "write at offset %" PRIu64 ": %s", off, strerror (e));
+      qcow_errorf (file, "write at offset %" PRIu64 ": %s", off, strerror (e));
       return -e;
     }
     off += r;
@@ -210,8 +211,39 @@ io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
       iov->iov_len -= r;
     }
   }
-  note_extent (q, offset + total);
+  if (fd == q->fd)
+    note_extent (q, offset + total);
+  else
+    __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
   return 0;
+}
+
+int
+io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
+{
+  return pwritev_fd (q, q->fd, q->filename, iov, iovcnt, offset);
+}
+
+/* Guest data: in the image, or in its external data file. */
+int
+io_dpread (struct qcow *q, void *buf, size_t count, uint64_t offset)
+{
+  return io_pread_fd (q->data_fd, q->data_path ? q->data_path : q->filename,
+                      buf, count, offset, true);
+}
+
+int
+io_dpwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset)
+{
+  struct iovec iov = { (void *) buf, count };
+  return io_dpwritev (q, &iov, 1, offset);
+}
+
+int
+io_dpwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
+{
+  return pwritev_fd (q, q->data_fd, q->data_path ? q->data_path : q->filename,
+                     iov, iovcnt, offset);
 }
 
 int
@@ -223,6 +255,12 @@ io_sync (struct qcow *q)
     return f;
   }
   __atomic_store_n (&q->data_unsynced, false, __ATOMIC_RELAXED);
+  if (q->data_fd != q->fd && fdatasync (q->data_fd) == -1) {
+    int e = errno;
+    __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
+    qcow_errorf (q->data_path, "fdatasync: %s", strerror (e));
+    return -e;
+  }
   if (fdatasync (q->fd) == -1) {
     int e = errno;
     __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
@@ -234,12 +272,12 @@ io_sync (struct qcow *q)
 
 /* Give a freed range back to the file system; best effort. */
 int
-io_punch (struct qcow *q, uint64_t offset, uint64_t len)
+io_punch (struct qcow *q, bool data, uint64_t offset, uint64_t len)
 {
   int f = fault (QCOW_FAULT_PUNCH, NULL);
   if (f < 0)
     return f;
-  if (fallocate (q->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+  if (fallocate (data ? q->data_fd : q->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  (off_t) offset, (off_t) len) == -1)
     return -errno;
   return 0;

@@ -218,7 +218,7 @@ connect_chain (const char *path, const struct qcow_config *cfg,
     qcow_errorf (path, "out of memory");
     return -ENOMEM;
   }
-  q->fd = q->backing_fd = -1;
+  q->fd = q->backing_fd = q->data_fd = -1;
   pthread_mutex_init (&q->lock, NULL);
   pthread_cond_init (&q->alloc_cond, NULL);
   pthread_mutex_init (&q->compact_lock, NULL);
@@ -307,7 +307,8 @@ connect_chain (const char *path, const struct qcow_config *cfg,
     r = -ENOMEM;
     goto fail;
   }
-  if ((r = snapshots_load (q)) < 0 || (r = backing_open (q, chain)) < 0)
+  if ((r = snapshots_load (q)) < 0 || (r = data_file_open (q)) < 0 ||
+      (r = backing_open (q, chain)) < 0)
     goto fail;
   *qp = q;
   return 0;
@@ -340,8 +341,9 @@ begin_modify (struct qcow *q)
       return r;
     q->dirty_bit_set = lazy;
   }
-  if (q->h.autoclear_features) {
-    q->h.autoclear_features = 0;
+  uint64_t keep_bits = q->data_raw ? QCOW_AUTOCLEAR_DATA_RAW : 0;
+  if (q->h.autoclear_features & ~keep_bits) {
+    q->h.autoclear_features &= keep_bits;
     if ((r = header_write_fields (q, 88, 8)) < 0 || (r = io_sync (q)) < 0)
       return r;
   }
@@ -557,7 +559,7 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
     if (r < 0)
       break;
     if (m.kind == C_DATA)
-      r = io_pread (q, p, len, m.host + in);
+      r = io_dpread (q, p, len, m.host + in);
     else if (m.kind == C_COMPRESSED) {
       uint8_t *c = malloc (cs);
       r = c ? compressed_read (q, m.host, c) : -ENOMEM;
@@ -636,7 +638,11 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
         n++;
       }
     }
-    if ((r = rc_alloc (q, n, &first, &n, &fresh)) < 0)
+    if (q->data_path) {                     /* fixed place, not counted */
+      first = gc;
+      fresh = q->data_raw && m->kind != C_COMPRESSED && !from_backing;
+    }
+    else if ((r = rc_alloc (q, n, &first, &n, &fresh)) < 0)
       return r;
     host = first << q->cluster_bits;
   }
@@ -654,15 +660,15 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
     else if (m->kind == C_COMPRESSED)
       r = compressed_read (q, m->host, c);
     else
-      r = io_pread (q, c, cs, m->host);
+      r = io_dpread (q, c, cs, m->host);
     if (r == 0) {
       memcpy (c + in, p, len);
-      r = io_pwrite (q, c, cs, host);
+      r = io_dpwrite (q, c, cs, host);
     }
     free (c);
   }
   else if (fresh && !from_backing)
-    r = io_pwrite (q, p, len, host + in);   /* the rest already reads zero */
+    r = io_dpwrite (q, p, len, host + in);   /* the rest already reads zero */
   else {
     uint8_t *head = q->zero_cluster, *tl = q->zero_cluster;
     if (from_backing) {
@@ -681,7 +687,7 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
       if (in) iov[k++] = (struct iovec) { head, in };
       iov[k++] = (struct iovec) { (void *) p, len };
       if (tail) iov[k++] = (struct iovec) { tl, tail };
-      r = io_pwritev (q, iov, k, host);
+      r = io_dpwritev (q, iov, k, host);
     }
     if (from_backing) {
       free (head);
@@ -696,10 +702,11 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
     /* Our old reference goes once the new link is durable. */
     if (r == 0 && m->kind == C_COMPRESSED)
       compressed_defer_free (q, m->host);
-    else if (r == 0 && (m->kind == C_DATA || (m->kind == C_ZERO_ALLOC && !reuse)))
+    else if (r == 0 && !q->data_path &&
+             (m->kind == C_DATA || (m->kind == C_ZERO_ALLOC && !reuse)))
       rc_defer_free (q, m->host >> q->cluster_bits);
   }
-  else if (!reuse)
+  else if (!reuse && !q->data_path)
     rc_free (q, host >> q->cluster_bits, n);   /* never referenced */
   inflight_remove (q, &f);
   *done = len;
@@ -758,7 +765,7 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
       if (r < 0)
         break;
       pthread_mutex_unlock (&q->lock);
-      r = io_pwrite (q, p, len, m.host + in);
+      r = io_dpwrite (q, p, len, m.host + in);
       pthread_mutex_lock (&q->lock);
     }
     else
@@ -956,7 +963,8 @@ discard_tail (struct qcow *q, uint64_t from)
       if (ent & ENTRY_COMPRESSED)
         compressed_defer_free (q, ent);
       else if (ent & L2_OFFSET_MASK)
-        rc_defer_free (q, (ent & L2_OFFSET_MASK) >> q->cluster_bits);
+        rc_defer_free (q, ((ent & L2_OFFSET_MASK) >> q->cluster_bits) |
+                          (q->data_path ? DEFER_DATA_FILE : 0));
       if (ent) {
         wr64 (e->data + 8 * j, 0);
         cache_mark_dirty (&q->l2c, e);
@@ -1014,7 +1022,7 @@ qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss)
       struct cmap m;
       if ((r = l2_lookup (q, new_size >> q->cluster_bits, &m)) == 0 &&
           m.kind == C_DATA)
-        r = io_pwrite (q, q->zero_cluster, cs - in, m.host + in);
+        r = io_dpwrite (q, q->zero_cluster, cs - in, m.host + in);
     }
     if (r == 0)
       r = discard_tail (q, div_round_up (new_size, cs));

@@ -42,6 +42,7 @@ struct qcow_config {
   bool no_backing;         /* refuse images that name a backing file */
   const char *backing_file;    /* override the header's backing file */
   const char *backing_format;  /* override its format: "qcow2" or "raw" */
+  const char *data_file;       /* override the external data file name */
 };
 void qcow_config_default (struct qcow_config *cfg);
 
@@ -82,6 +83,8 @@ void qcow_get_info (struct qcow *q, struct qcow_info *info);
 #define QCOW_INCOMPAT_COMPRESSION (1ULL << 3)
 #define QCOW_INCOMPAT_EXTL2       (1ULL << 4)
 #define QCOW_COMPAT_LAZY_REFCOUNTS (1ULL << 0)
+#define QCOW_AUTOCLEAR_BITMAPS    (1ULL << 0)
+#define QCOW_AUTOCLEAR_DATA_RAW   (1ULL << 1)
 struct qcow_header {
   uint32_t version;
   uint64_t size;
@@ -101,6 +104,7 @@ struct qcow_header {
   uint8_t compression_type;
   char backing_file[1024];     /* "" if none */
   char backing_format[64];     /* "" if not recorded */
+  char data_file[1024];        /* external data file name, "" if none */
 };
 void qcow_get_header (struct qcow *q, struct qcow_header *h);
 /* Name of a feature bit (TYPE 0 incompatible, 1 compatible, 2 autoclear),

@@ -356,6 +356,13 @@ rc_apply_deferred (struct qcow *q)
 {
   while (q->npending > 0) {
     uint64_t c = q->pending_free[q->npending - 1], rc;
+    if (c & DEFER_DATA_FILE) {          /* not refcounted: just punch */
+      q->npending--;
+      c &= ~DEFER_DATA_FILE;
+      if (q->cfg.discard && io_punch (q, true, c << q->cluster_bits, q->cluster_size) == 0)
+        q->stats.bytes_punched += q->cluster_size;
+      continue;
+    }
     int r = rc_free (q, c, 1);
     if (r == 0)
       r = rc_get (q, c, &rc);
@@ -365,7 +372,7 @@ rc_apply_deferred (struct qcow *q)
     if (rc == 0) {
       q->stats.freed++;
       if (q->cfg.discard &&
-          io_punch (q, c << q->cluster_bits, q->cluster_size) == 0)
+          io_punch (q, false, c << q->cluster_bits, q->cluster_size) == 0)
         q->stats.bytes_punched += q->cluster_size;
     }
   }
@@ -517,7 +524,8 @@ count_l1 (struct qcow *q, uint16_t *counts, uint64_t E, const uint64_t *l1,
         continue;
       }
       uint64_t off = ent & L2_OFFSET_MASK;
-      if (off && (r = count_ref (q, counts, E, off, 1, "data cluster")) < 0)
+      if (off && !q->data_path &&       /* data file clusters: not counted */
+          (r = count_ref (q, counts, E, off, 1, "data cluster")) < 0)
         return r;
     }
   }
