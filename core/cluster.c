@@ -74,7 +74,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
     }
     e = *ep;
     for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++)
-      wr64 (e->data + 8 * j, rd64 (e->data + 8 * j) & ~ENTRY_COPIED);
+      wr64 (L2E (q, e->data, j), rd64 (L2E (q, e->data, j)) & ~ENTRY_COPIED);
     e->offset = c << q->cluster_bits;
     cache_mark_dirty (&q->l2c, e);
     q->l1[idx] = e->offset | ENTRY_COPIED;
@@ -101,10 +101,13 @@ l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
   if (r < 0)
     return r;
   if (!e) {
-    m->kind = C_UNALLOC;
+    m->kind = q->extl2 ? C_SUBCL : C_UNALLOC;
     return 0;
   }
-  uint64_t ent = rd64 (e->data + 8 * (gc & ((1ULL << q->l2_bits) - 1)));
+  const uint8_t *ep = L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1));
+  uint64_t ent = rd64 (ep);
+  if (q->extl2)
+    m->bitmap = rd64 (ep + 8);
   m->copied = ent & ENTRY_COPIED;
   if ((ent & ENTRY_COMPRESSED) && q->data_path) {
     ERR (q, "compressed cluster at guest offset 0x%" PRIx64 " in an image with "
@@ -112,8 +115,28 @@ l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
     return -EIO;
   }
   if (ent & ENTRY_COMPRESSED) {
+    if (q->extl2 && m->bitmap) {
+      ERR (q, "compressed cluster at guest offset 0x%" PRIx64 " has a "
+           "subcluster bitmap", gc << q->cluster_bits);
+      return -EIO;
+    }
     m->kind = C_COMPRESSED;
     m->host = ent;
+    return 0;
+  }
+  if (q->extl2) {
+    uint64_t off = ent & L2_OFFSET_MASK;
+    uint64_t alloc = m->bitmap & 0xffffffffULL, zero = m->bitmap >> 32;
+    if ((ent & ENTRY_ZERO) || (alloc & zero) || (alloc && !off) ||
+        (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
+                 off >= q->file_size))) {
+      ERR (q, "extended L2 entry for guest offset 0x%" PRIx64 " is invalid "
+           "(0x%016" PRIx64 " 0x%016" PRIx64 ")", gc << q->cluster_bits,
+           ent, m->bitmap);
+      return -EIO;
+    }
+    m->kind = C_SUBCL;
+    m->host = off;
     return 0;
   }
   uint64_t off = ent & L2_OFFSET_MASK;
@@ -155,6 +178,23 @@ l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
   return 0;
 }
 
+/* Both words of an extended entry. */
+int
+l2_set2 (struct qcow *q, uint64_t gc, uint64_t entry, uint64_t bitmap)
+{
+  struct centry *e;
+  int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
+  if (r < 0)
+    return r;
+  uint8_t *ep = L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1));
+  wr64 (ep, entry);
+  if (q->extl2)
+    wr64 (ep + 8, bitmap);
+  cache_mark_dirty (&q->l2c, e);
+  return 0;
+}
+
+/* The descriptor only (an extended entry keeps its bitmap). */
 int
 l2_set (struct qcow *q, uint64_t gc, uint64_t entry)
 {
@@ -162,7 +202,7 @@ l2_set (struct qcow *q, uint64_t gc, uint64_t entry)
   int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
   if (r < 0)
     return r;
-  wr64 (e->data + 8 * (gc & ((1ULL << q->l2_bits) - 1)), entry);
+  wr64 (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
   cache_mark_dirty (&q->l2c, e);
   return 0;
 }

@@ -99,7 +99,7 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
     if ((l2off >> q->cluster_bits) >= bound)
       r = add_source (l, l2off >> q->cluster_bits, SRC_L2, i);
     for (uint64_t j = 0; j < (1ULL << q->l2_bits) && r == 0; j++) {
-      uint64_t ent = rd64 (buf + 8 * j), host = ent & L2_OFFSET_MASK;
+      uint64_t ent = rd64 (L2E (q, buf, j)), host = ent & L2_OFFSET_MASK;
       if (ent & ENTRY_COMPRESSED || !host || q->data_path ||
           (host >> q->cluster_bits) < bound)
         continue;
@@ -134,8 +134,8 @@ still_valid (struct qcow *q, const struct source *s, bool *ok)
     int r = l2_lookup (q, s->key, &m);
     if (r < 0)
       return r;
-    *ok = m.host == s->host << q->cluster_bits && m.copied &&
-          m.kind == (s->kind == SRC_DATA ? C_DATA : C_ZERO_ALLOC) &&
+    enum ckind want = s->kind == SRC_DATA ? (q->extl2 ? C_SUBCL : C_DATA) : C_ZERO_ALLOC;
+    *ok = m.host == s->host << q->cluster_bits && m.copied && m.kind == want &&
           !inflight_find (q, s->key);
     return 0;
   }

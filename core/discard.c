@@ -24,6 +24,7 @@ clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
   if (r < 0)
     return r;
   switch (m.kind) {
+  case C_SUBCL:                 /* handled by sc_clear */
   case C_ZERO:
     return 0;                   /* already reads as zeros */
   case C_UNALLOC:
@@ -75,14 +76,27 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
   *nclusters = 0;
   pthread_mutex_lock (&q->lock);
   r = begin_modify (q);
-  if (r == 0 && fast && mode == CLEAR_ZERO_KEEP && q->h.version < 3) {
-    /* No zero flag: zeroing allocated clusters means writing.  Say so
-     * before changing anything. */
-    for (uint64_t gc = first; r == 0 && gc < end; gc++) {
-      struct cmap m;
-      if ((r = l2_lookup (q, gc, &m)) == 0 && m.kind == C_DATA)
-        r = -ENOTSUP;
+  if (q->extl2) {
+    /* Subcluster granularity: every cluster the range touches. */
+    uint64_t last = div_round_up (offset + count, cs);
+    for (uint64_t gc = offset / cs; r == 0 && gc < last; gc++) {
+      uint64_t mask = sc_units (q, gc, offset, offset + count);
+      if (!mask)
+        continue;
+      if (inflight_find (q, gc)) {
+        pthread_cond_wait (&q->alloc_cond, &q->lock);
+        gc--;
+        continue;
+      }
+      bool must_write;
+      r = sc_clear (q, gc, mask, trim, mode == CLEAR_UNLINK, &must_write);
+      if (r == 0 && must_write)
+        r = -EAGAIN;            /* caller writes the zeros */
+      if (r == 0)
+        (*nclusters)++;
     }
+    pthread_mutex_unlock (&q->lock);
+    return r;
   }
   for (uint64_t gc = first; r == 0 && gc < end; gc++) {
     if (inflight_find (q, gc)) {          /* wait for the allocation */
@@ -130,6 +144,31 @@ qcow_discard (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
   return r == -ENOTSUP ? -EIO : r;
 }
 
+/* Would zeroing [offset, offset+count) have to write data (v2 has no zero
+ * flag; part of a compressed cluster with subclusters)?  Asked before
+ * anything changes, for NBD_CMD_FLAG_FAST_ZERO. */
+static int
+zero_needs_writes (struct qcow *q, uint64_t count, uint64_t offset,
+                   enum clear_mode mode, bool *yes)
+{
+  const uint64_t cs = q->cluster_size;
+  int r = 0;
+  *yes = (q->backing_path && q->h.version < 3) || (q->data_raw && mode == CLEAR_ZERO_KEEP);
+  pthread_mutex_lock (&q->lock);
+  for (uint64_t gc = offset / cs; !*yes && r == 0 && gc < div_round_up (offset + count, cs); gc++) {
+    struct cmap m;
+    if ((r = l2_lookup (q, gc, &m)) < 0)
+      break;
+    bool whole = gc * cs >= offset && (gc + 1) * cs <= offset + count;
+    if (q->extl2)
+      *yes = m.kind == C_COMPRESSED && sc_units (q, gc, offset, offset + count) != 0xffffffffULL;
+    else
+      *yes = whole && mode == CLEAR_ZERO_KEEP && q->h.version < 3 && m.kind == C_DATA;
+  }
+  pthread_mutex_unlock (&q->lock);
+  return r;
+}
+
 /* Write zeros over [offset, offset+count) inside one cluster, unless it
  * already reads as zeros. */
 static int
@@ -143,7 +182,8 @@ zero_partial (struct qcow *q, uint64_t count, uint64_t offset)
   if (r < 0)
     return r;
   if (!in_flight && ((m.kind == C_UNALLOC && !q->backing_path) ||
-                     m.kind == C_ZERO || m.kind == C_ZERO_ALLOC))
+                     m.kind == C_ZERO || m.kind == C_ZERO_ALLOC ||
+                     (m.kind == C_SUBCL && sc_reads_zero (q, &m, offset))))
     return 0;
   return qcow_write (q, q->zero_cluster, count, offset, 0);
 }
@@ -158,12 +198,22 @@ qcow_zero (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
     ERR (q, "image is open read-only");
     return -EROFS;
   }
-  const uint64_t cs = q->cluster_size;
+  const uint64_t cs = q->cluster_size, us = 1ULL << q->sc_bits;
+  enum clear_mode mode = (flags & QCOW_MAY_TRIM) && q->cfg.discard
+    ? CLEAR_UNLINK : CLEAR_ZERO_KEEP;
+  if (flags & QCOW_FAST_ZERO) {
+    bool slow;
+    if ((r = zero_needs_writes (q, count, offset, mode, &slow)) < 0)
+      return r;
+    if (slow)
+      return -ENOTSUP;
+  }
   if (q->backing_path && q->h.version < 3) {
     /* No zero flag, and unlinking would expose the backing file: the
      * zeros have to be written. */
     if (flags & QCOW_FAST_ZERO)
       return -ENOTSUP;
+  write_zeros:
     while (r == 0 && count > 0) {
       uint64_t n = count < cs ? count : cs;
       r = qcow_write (q, q->zero_cluster, n, offset, 0);
@@ -174,7 +224,8 @@ qcow_zero (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
       r = flush_all (q);
     return r;
   }
-  uint64_t head_end = (offset + cs - 1) & ~(cs - 1), tail_start = (offset + count) & ~(cs - 1);
+  /* Edges smaller than a unit (cluster, or subcluster) get byte writes. */
+  uint64_t head_end = (offset + us - 1) & ~(us - 1), tail_start = (offset + count) & ~(us - 1);
   if (head_end > offset + count)
     head_end = offset + count;
   if (tail_start < head_end)
@@ -186,12 +237,16 @@ qcow_zero (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
       (r = zero_partial (q, offset + count - tail_start, tail_start)) < 0)
     return r;
   uint64_t n;
-  enum clear_mode mode = (flags & QCOW_MAY_TRIM) && q->cfg.discard
-    ? CLEAR_UNLINK : CLEAR_ZERO_KEEP;
   pthread_rwlock_rdlock (&q->io_lock);
   r = clear_range (q, count, offset, false, mode, flags & QCOW_FAST_ZERO, &n);
   pthread_rwlock_unlock (&q->io_lock);
   __atomic_add_fetch (&q->stats.erased, n, __ATOMIC_RELAXED);
+  if (r == -EAGAIN) {           /* part of a compressed cluster: write */
+    if (flags & QCOW_FAST_ZERO)
+      return -ENOTSUP;
+    r = 0;
+    goto write_zeros;
+  }
   if (r == 0 && (flags & QCOW_FUA))
     r = flush_all (q);
   return r == -ENOTSUP && !(flags & QCOW_FAST_ZERO) ? -EIO : r;

@@ -99,6 +99,11 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
   }
   const uint64_t cs = 1ULL << h->cluster_bits;
   if (h->version == 3) {
+    if (file_size < 104) {
+      ERR (q, "file is truncated (%" PRIu64 " bytes): no room for the "
+           "version 3 header", file_size);
+      return -EINVAL;
+    }
     if (h->header_length < 104 || h->header_length % 8 != 0 ||
         h->header_length > cs) {
       ERR (q, "header_length %" PRIu32 " is invalid (must be a multiple of 8 "
@@ -188,8 +193,13 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
     return -EINVAL;
   }
   (void) have_data_file_ext;
-  if (h->incompatible_features & QCOW_INCOMPAT_EXTL2) {
-    ERR (q, "images with extended L2 entries (subclusters) are not supported yet");
+  if ((h->incompatible_features & QCOW_INCOMPAT_EXTL2) && h->cluster_bits < 14) {
+    ERR (q, "extended L2 entries need clusters of at least 16 KiB");
+    return -EINVAL;
+  }
+  if ((h->incompatible_features & QCOW_INCOMPAT_EXTL2) &&
+      (h->incompatible_features & QCOW_INCOMPAT_DATA_FILE)) {
+    ERR (q, "extended L2 entries with an external data file are not supported");
     return -ENOTSUP;
   }
   if (h->incompatible_features & QCOW_INCOMPAT_COMPRESSION) {
@@ -222,7 +232,10 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
   /* Sizes and tables. */
   q->cluster_bits = h->cluster_bits;
   q->cluster_size = cs;
-  q->l2_bits = h->cluster_bits - 3;
+  q->extl2 = h->incompatible_features & QCOW_INCOMPAT_EXTL2;
+  q->l2_esh = q->extl2 ? 4 : 3;
+  q->l2_bits = h->cluster_bits - q->l2_esh;
+  q->sc_bits = q->extl2 ? h->cluster_bits - 5 : h->cluster_bits;
   q->rb_bits = h->cluster_bits + 3 - h->refcount_order;
   q->refcount_max = h->refcount_order == 6 ? UINT64_MAX
     : (1ULL << (1u << h->refcount_order)) - 1;

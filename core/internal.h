@@ -55,6 +55,10 @@ static inline void wr16 (void *p, uint16_t v) { v = htobe16 (v); memcpy (p, &v, 
 
 static inline uint64_t div_round_up (uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
+/* The Jth entry of an L2 table (extended entries are 16 bytes: the
+ * descriptor, then the subcluster bitmap). */
+#define L2E(q, table, j) ((uint8_t *) (table) + ((uint64_t) (j) << (q)->l2_esh))
+
 /* ---- cache.c: metadata table cache (L2 tables, refcount blocks) ---- */
 struct centry {
   uint64_t key;            /* L1 index or refcount table index */
@@ -123,6 +127,9 @@ struct qcow {
   unsigned cluster_bits;
   uint64_t cluster_size;
   unsigned l2_bits;        /* log2 entries per L2 table */
+  unsigned l2_esh;         /* log2 bytes per L2 entry: 3, or 4 (extended) */
+  bool extl2;              /* extended L2 entries: 32 subclusters each */
+  unsigned sc_bits;        /* log2 subcluster size */
   unsigned rb_bits;        /* log2 entries per refcount block */
   uint64_t refcount_max;
 
@@ -170,6 +177,7 @@ int check_range (struct qcow *q, size_t count, uint64_t offset);
 int begin_modify (struct qcow *q);
 int flush_all (struct qcow *q);
 struct inflight *inflight_find (struct qcow *q, uint64_t gc);
+void inflight_remove (struct qcow *q, struct inflight *f);
 
 /* ---- io.c ---- */
 int io_pread (struct qcow *q, void *buf, size_t count, uint64_t offset);
@@ -238,15 +246,31 @@ int compressed_read (struct qcow *q, uint64_t ent, uint8_t *out);
 void compressed_defer_free (struct qcow *q, uint64_t ent);
 
 /* ---- cluster.c ---- */
-enum ckind { C_UNALLOC, C_ZERO, C_ZERO_ALLOC, C_DATA, C_COMPRESSED };
+enum ckind { C_UNALLOC, C_ZERO, C_ZERO_ALLOC, C_DATA, C_COMPRESSED,
+             C_SUBCL /* extended L2: see host (maybe 0) and bitmap */ };
 struct cmap {
   enum ckind kind;
-  uint64_t host;           /* host offset of the cluster (C_DATA, C_ZERO_ALLOC) */
+  uint64_t host;           /* host offset of the cluster (C_DATA, C_ZERO_ALLOC,
+                              C_SUBCL), or the descriptor (C_COMPRESSED) */
   bool copied;             /* refcount known to be 1 */
+  uint64_t bitmap;         /* C_SUBCL: subcluster allocation/zero bits */
 };
 int l2_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
 int l2_get_table (struct qcow *q, uint64_t l1_index, bool alloc, struct centry **ep);
 int l2_set (struct qcow *q, uint64_t gcluster, uint64_t entry);
+int l2_set2 (struct qcow *q, uint64_t gcluster, uint64_t entry, uint64_t bitmap);
+
+/* ---- subcluster.c ---- */
+int sc_read (struct qcow *q, uint8_t *p, uint64_t len, uint64_t offset,
+             const struct cmap *m);
+void sc_map (struct qcow *q, const struct cmap *m, uint64_t offset, uint64_t max,
+             uint64_t *len, unsigned *flags, bool *show_backing);
+bool sc_reads_zero (struct qcow *q, const struct cmap *m, uint64_t offset);
+int sc_write (struct qcow *q, const uint8_t *p, uint64_t len, uint64_t offset,
+              struct cmap *m);
+int sc_clear (struct qcow *q, uint64_t gc, uint64_t mask, bool trim, bool unlink,
+              bool *must_write);
+uint64_t sc_units (struct qcow *q, uint64_t gc, uint64_t from, uint64_t to);
 int metadata_sync (struct qcow *q);
 
 #endif /* QCOW_INTERNAL_H */

@@ -194,6 +194,38 @@ read_table (struct qcow *q, uint64_t **tp, uint64_t n, uint64_t offset)
   return 0;
 }
 
+/* Every L2 table and refcount block the tables point to must lie inside
+ * the file, aligned, clear of the header, the L1 table and the refcount
+ * table: a file truncated or damaged there is refused at open. */
+static int
+check_tables (struct qcow *q)
+{
+  const uint64_t cs = q->cluster_size;
+  uint64_t l1a = q->h.l1_table_offset, l1b = l1a + (uint64_t) q->h.l1_size * 8;
+  uint64_t rta = q->h.refcount_table_offset, rtb = rta + q->rct_entries * 8;
+  for (int t = 0; t < 2; t++) {
+    const uint64_t *tab = t ? q->rct : q->l1;
+    uint64_t n = t ? q->rct_entries : q->h.l1_size;
+    const char *what = t ? "refcount block" : "L2 table";
+    for (uint64_t i = 0; i < n; i++) {
+      uint64_t off = tab[i] & (t ? RCT_OFFSET_MASK : L1_OFFSET_MASK);
+      if (!off)
+        continue;
+      const char *why = off % cs ? "is misaligned"
+        : off < cs ? "overlaps the header"
+        : off >= q->file_size ? "lies beyond the end of the file (truncated?)"
+        : (off < l1b && off + cs > l1a) ? "overlaps the L1 table"
+        : (off < rtb && off + cs > rta) ? "overlaps the refcount table"
+        : NULL;
+      if (why) {
+        ERR (q, "%s %" PRIu64 " at 0x%" PRIx64 " %s", what, i, off, why);
+        return -EINVAL;
+      }
+    }
+  }
+  return 0;
+}
+
 int
 qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
 {
@@ -288,6 +320,9 @@ connect_chain (const char *path, const struct qcow_config *cfg,
     goto fail;
   q->rct_entries = (uint64_t) q->h.refcount_table_clusters * q->cluster_size / 8;
   if ((r = read_table (q, &q->rct, q->rct_entries, q->h.refcount_table_offset)) < 0)
+    goto fail;
+
+  if ((r = check_tables (q)) < 0)
     goto fail;
 
   /* Caches: enough L2 tables to map the whole image, up to 32 MiB. */
@@ -513,7 +548,7 @@ check_range (struct qcow *q, size_t count, uint64_t offset)
 }
 
 /* Clusters that read alike: zeros, the backing file, data, compressed. */
-enum rclass { R_ZERO, R_BACKING, R_DATA, R_COMPRESSED };
+enum rclass { R_ZERO, R_BACKING, R_DATA, R_COMPRESSED, R_SUBCL };
 static enum rclass
 read_class (struct qcow *q, enum ckind k)
 {
@@ -521,6 +556,7 @@ read_class (struct qcow *q, enum ckind k)
   case C_UNALLOC: return q->backing_path ? R_BACKING : R_ZERO;
   case C_DATA: return R_DATA;
   case C_COMPRESSED: return R_COMPRESSED;
+  case C_SUBCL: return R_SUBCL;
   default: return R_ZERO;
   }
 }
@@ -560,6 +596,8 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
       break;
     if (m.kind == C_DATA)
       r = io_dpread (q, p, len, m.host + in);
+    else if (m.kind == C_SUBCL)
+      r = sc_read (q, p, len, offset, &m);
     else if (m.kind == C_COMPRESSED) {
       uint8_t *c = malloc (cs);
       r = c ? compressed_read (q, m.host, c) : -ENOMEM;
@@ -589,7 +627,7 @@ inflight_find (struct qcow *q, uint64_t gc)
   return NULL;
 }
 
-static void
+void
 inflight_remove (struct qcow *q, struct inflight *f)
 {
   for (struct inflight **pp = &q->inflight; *pp; pp = &(*pp)->next)
@@ -698,7 +736,7 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
   pthread_mutex_lock (&q->lock);
   if (r == 0) {
     for (uint64_t i = 0; i < n && r == 0; i++)
-      r = l2_set (q, gc + i, (host + i * cs) | ENTRY_COPIED);
+      r = l2_set2 (q, gc + i, (host + i * cs) | ENTRY_COPIED, 0xffffffffULL);
     /* Our old reference goes once the new link is durable. */
     if (r == 0 && m->kind == C_COMPRESSED)
       compressed_defer_free (q, m->host);
@@ -751,7 +789,9 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
         m.copied = true;
       }
     }
-    if (m.kind == C_DATA && m.copied) {
+    if (m.kind == C_SUBCL)
+      r = sc_write (q, p, len, offset, &m);
+    else if (m.kind == C_DATA && m.copied) {
       /* In place: extend over contiguous allocated clusters. */
       while (len < count) {
         if ((r = l2_lookup (q, gc + div_round_up (in + len, cs), &m2)) < 0)
@@ -818,6 +858,8 @@ map_locked (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *lenp,
       unalloc = m.kind == C_UNALLOC;
       f = kind_flags (m.kind);
       step = cs - (off & (cs - 1));
+      if (m.kind == C_SUBCL)
+        sc_map (q, &m, off, count - len, &step, &f, &unalloc);
     }
     if (unalloc && q->backing_path) {       /* what shows through */
       int r = backing_map (q, off, step < count - len ? step : count - len, &step, &f);
@@ -880,7 +922,7 @@ qcow_allocated_bytes (struct qcow *q, uint64_t *bytes)
     if ((r = l2_get_table (q, i, false, &e)) < 0 || !e)
       continue;
     for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++) {
-      uint64_t ent = rd64 (e->data + 8 * j);
+      uint64_t ent = rd64 (L2E (q, e->data, j));
       if (ent & ENTRY_COMPRESSED ||
           ((ent & L2_OFFSET_MASK) && !(q->h.version >= 3 && (ent & ENTRY_ZERO))))
         n++;
@@ -959,14 +1001,19 @@ discard_tail (struct qcow *q, uint64_t from)
       return r;
     uint64_t j0 = idx == (from >> q->l2_bits) ? from & ((1ULL << q->l2_bits) - 1) : 0;
     for (uint64_t j = j0; j < (1ULL << q->l2_bits); j++) {
-      uint64_t ent = rd64 (e->data + 8 * j);
+      uint8_t *ep = L2E (q, e->data, j);
+      uint64_t ent = rd64 (ep);
+      if (q->extl2 && rd64 (ep + 8)) {
+        wr64 (ep + 8, 0);
+        cache_mark_dirty (&q->l2c, e);
+      }
       if (ent & ENTRY_COMPRESSED)
         compressed_defer_free (q, ent);
       else if (ent & L2_OFFSET_MASK)
         rc_defer_free (q, ((ent & L2_OFFSET_MASK) >> q->cluster_bits) |
                           (q->data_path ? DEFER_DATA_FILE : 0));
       if (ent) {
-        wr64 (e->data + 8 * j, 0);
+        wr64 (ep, 0);
         cache_mark_dirty (&q->l2c, e);
       }
     }
@@ -1021,7 +1068,7 @@ qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss)
     if (in) {
       struct cmap m;
       if ((r = l2_lookup (q, new_size >> q->cluster_bits, &m)) == 0 &&
-          m.kind == C_DATA)
+          (m.kind == C_DATA || (m.kind == C_SUBCL && m.host)))
         r = io_dpwrite (q, q->zero_cluster, cs - in, m.host + in);
     }
     if (r == 0)

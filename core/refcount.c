@@ -512,8 +512,8 @@ count_l1 (struct qcow *q, uint16_t *counts, uint64_t E, const uint64_t *l1,
       memcpy (l2, e->data, cs);
     else if ((r = io_pread (q, l2, cs, l2off)) < 0)
       return r;
-    for (uint64_t j = 0; j < cs / 8; j++) {
-      uint64_t ent = be64toh (l2[j]);
+    for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++) {
+      uint64_t ent = rd64 (L2E (q, l2, j));
       if (ent & ENTRY_COMPRESSED) {
         uint64_t coff, clen;
         compressed_extent (q, ent, &coff, &clen);

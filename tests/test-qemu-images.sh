@@ -191,8 +191,8 @@ variant v3-c2M-prealloc-r64 compat=1.1,cluster_size=2M,preallocation=metadata,re
 variant v3-c64k-zlib compat=1.1 yes
 variant v3-c64k-zstd compat=1.1,compression_type=zstd yes
 
-# Not supported: must be refused cleanly, never misread.
-refused v3-extended-l2 compat=1.1,extended_l2=on
+variant v3-extl2     compat=1.1,extended_l2=on
+variant v3-extl2-c2M-zstd compat=1.1,extended_l2=on,cluster_size=2M,compression_type=zstd yes
 
 [ ${#failures[@]} -eq 0 ] || die "failed variants: ${failures[*]}"
 echo OK

@@ -1,0 +1,1492 @@
+/* check.c - integrity check and repair of qcow2 images (see check.h).
+ *
+ * The check
+ * ---------
+ * The file is opened read-only and parsed tolerantly: only what makes the
+ * tables unreadable (bad magic, version, cluster size, unknown
+ * incompatible features, encryption, an L1 or refcount table that is
+ * misaligned, too large or outside the file, ...) stops the check; that
+ * is reported as "could not check" with the reason.  Everything else is
+ * reported as a problem and the walk goes on.
+ *
+ * One walk counts the references to every host cluster of the file, in
+ * this order: the header cluster, the refcount table and each refcount
+ * block, the active L1 table, each L2 table and each data or compressed
+ * cluster it maps (every host cluster a compressed cluster touches counts
+ * once), the snapshot table, each snapshot's L1 table and the tables and
+ * clusters below it, and the persistent bitmaps (directory, tables, data)
+ * when the bitmaps autoclear bit says they are valid.  Memory: a 32-bit
+ * count, the stored refcount and the first referrer for each cluster of
+ * the file (16 bytes per cluster), so bounded by the file size.
+ *
+ * Each reference is checked on the way: outside the file, misaligned,
+ * reserved bits set.  A second reference to a cluster conflicts with the
+ * first when either claims the cluster for itself (metadata, or an entry
+ * with the COPIED flag, which promises a refcount of 1) or when the two
+ * are different kinds of thing (an L2 table and a data cluster): two data
+ * references are a DUPLICATE, anything else an OVERLAP.  Clusters that
+ * legitimately have several references (shared with snapshots, compressed
+ * clusters sharing a host cluster) do not conflict.  Then the counts are
+ * compared with the stored refcounts (fewer stored = corruption, more =
+ * leak, as qemu-img check), and the COPIED flags of the active tables are
+ * checked against the stored refcounts.
+ *
+ * The repair
+ * ----------
+ * Rebuilding the refcount structure from the tables (the core's
+ * qcow_rebuild_refcount_table) fixes leaks, wrong refcounts and damaged
+ * refcount blocks, but it trusts the L1/L2 entries.  Entries that cannot
+ * be trusted are fixed first, directly in the file, by a planner that
+ * walks the image repeatedly through an in-memory overlay of the fixes
+ * decided so far, until a walk decides nothing new.  Nothing is written
+ * before the whole plan is known to work; otherwise the file is left as
+ * it was and the reason is returned.  The rules (qemu-img check -r all
+ * does the first and the COPIED fix; the others go further where it only
+ * reports):
+ *
+ *  - an L2 entry that points outside the file, or into the header or
+ *    another metadata structure, is unlinked: it becomes a zero cluster
+ *    (v3; v2 has no zero flag, so unallocated), the data is lost anyway;
+ *  - an L1 entry that points outside the file, or whose L2 table would
+ *    overlap the header, an L1 table or the snapshot table, is cleared;
+ *  - a misaligned entry is realigned to the cluster it points into when
+ *    that cluster is allocated (refcount >= 1) and nothing else refers to
+ *    it (a damaged entry, the table or data intact), else it is unlinked;
+ *  - reserved bits are cleared;
+ *  - two data references to one cluster (or two L1 entries sharing an L2
+ *    table) are kept: the cluster gets refcount 2 and the COPIED flags are
+ *    cleared, so the next write to either copies it (what qemu-img does);
+ *  - COPIED flags in the active tables are set exactly where the
+ *    recounted refcount is 1; compressed entries never have it;
+ *  - conflicts with the old refcount structure or with bitmaps need no
+ *    fix: the rebuild replaces the refcount structure, and the core drops
+ *    persistent bitmaps (clears their autoclear bit) on its first write;
+ *  - the corrupt bit is cleared once the image is repaired.
+ * Refused (the file is unchanged): damage inside snapshot tables (delete
+ * the snapshot first), two metadata structures overlapping each other, a
+ * data cluster shared with a compressed cluster, refcounts that would
+ * overflow the refcount width, and images qcow_connect refuses.
+ */
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "lock.h"
+#include "check.h"
+
+#define MAX_SNAPSHOTS 65536
+#define MAX_SNAPSHOT_TABLE (64u << 20)
+#define MAX_SNAPSHOT_EXTRA 1024
+#define MAX_BITMAP_DIR (64u << 20)
+#define MAX_BITMAP_TABLE (1u << 27)        /* entries, QEMU's limit */
+#define MAX_CLUSTERS (1ULL << 27)          /* 2 GiB of bookkeeping */
+#define MAX_ROUNDS 16
+#define RC_UNKNOWN UINT32_MAX              /* stored refcount unreadable */
+#define BITMAP_OFFSET_MASK 0x00fffffffffffe00ULL
+#define EXTL2_ALL_ZERO 0xffffffff00000000ULL
+
+/* What a reference refers to. */
+enum ref {
+  R_NONE, R_HEADER, R_L1, R_L2, R_DATA, R_COMPRESSED, R_RCT, R_REFBLOCK,
+  R_SNAPTABLE, R_SNAP_L1, R_BITMAP_DIR, R_BITMAP_TABLE, R_BITMAP_DATA, R_NR
+};
+static const char *const ref_name[R_NR] = {
+  [R_NONE] = "nothing", [R_HEADER] = "the header", [R_L1] = "L1 table",
+  [R_L2] = "L2 table", [R_DATA] = "data cluster",
+  [R_COMPRESSED] = "compressed cluster", [R_RCT] = "refcount table",
+  [R_REFBLOCK] = "refcount block", [R_SNAPTABLE] = "snapshot table",
+  [R_SNAP_L1] = "snapshot L1 table", [R_BITMAP_DIR] = "bitmap directory",
+  [R_BITMAP_TABLE] = "bitmap table", [R_BITMAP_DATA] = "bitmap data cluster",
+};
+
+/* Structures that can never share their clusters. */
+static bool
+is_fixed (enum ref k)
+{
+  return k != R_L2 && k != R_DATA && k != R_COMPRESSED;
+}
+
+/* Replaced or dropped by the repair, so never worth fixing anything for. */
+static bool
+is_loser (enum ref k)
+{
+  return k == R_RCT || k == R_REFBLOCK || k == R_BITMAP_DIR ||
+    k == R_BITMAP_TABLE || k == R_BITMAP_DATA;
+}
+
+static bool
+is_datalike (enum ref k)
+{
+  return k == R_DATA || k == R_COMPRESSED;
+}
+
+/* The first reference to a cluster: where from, to what, whether it
+ * claims the cluster for itself, whether from a snapshot's tables. */
+static uint64_t
+own (uint64_t src, enum ref k, bool excl, bool snap)
+{
+  return src << 6 | (uint64_t) snap << 5 | (uint64_t) excl << 4 | k;
+}
+#define OWN_KIND(o) ((enum ref) ((o) & 15))
+#define OWN_EXCL(o) ((bool) (((o) >> 4) & 1))
+#define OWN_SNAP(o) ((bool) (((o) >> 5) & 1))
+#define OWN_SRC(o)  ((o) >> 6)
+
+/* One planned change of an 8-byte table entry. */
+enum fix_tag { FIX_COPIED, FIX_RESERVED, FIX_REALIGN, FIX_CLEAR, FIX_AUX };
+struct fix {
+  uint64_t off, val;
+  enum fix_tag tag;             /* within a round the strongest tag wins */
+  size_t seq;
+};
+#define MAX_FIXES (1u << 22)
+struct fixes {
+  struct fix *v;
+  size_t n, cap;
+};
+
+/* A misaligned entry: realigned or cleared once all counts are known. */
+struct doubt {
+  uint64_t src, ent;
+  enum ref k;                   /* R_L2 (an L1 entry) or R_DATA */
+};
+
+struct walk {
+  const char *path;
+  int fd;
+  uint64_t file_size;
+  struct qcow_header h;
+  unsigned cluster_bits, esh, rb_bits;
+  uint64_t cs, l2_entries, rct_entries, refcount_max;
+  bool extl2, data_file;
+  uint64_t bm_ext;              /* file offset of the bitmaps extension data */
+  uint32_t bm_nb;
+  uint64_t bm_dir_size, bm_dir_offset;
+
+  uint64_t nclusters;
+  uint32_t *count;              /* references found */
+  uint32_t *stored;             /* refcount on disk, RC_UNKNOWN */
+  uint64_t *owner;              /* first reference, own() */
+  uint8_t *buf;                 /* one cluster */
+  int err;                      /* an I/O error: could not check */
+
+  struct qcow_check_result *res;
+  qcow_check_cb cb;
+  void *opaque;
+  bool snap;                    /* walking a snapshot's tables */
+
+  /* Repair planning. */
+  bool plan;
+  const struct fixes *overlay;  /* fixes of earlier rounds */
+  struct fixes fx;              /* this round's */
+  struct doubt *doubts;
+  size_t ndoubts, doubtcap;
+  bool l1_fixed;                /* an active L1 entry changes this round */
+  uint64_t last_cleared;        /* the last entry unlinked */
+  uint8_t *active_l2;           /* bit per cluster: an active L2 table */
+  bool refuse;
+  char why[256];
+};
+
+const char *
+qcow_problem_name (enum qcow_problem kind)
+{
+  static const char *const names[QCOW_PROBLEM_NR] = {
+    "outside-file", "duplicate", "overlap", "misaligned", "reserved-bits",
+    "copied-flag", "refcount", "leak", "invalid",
+  };
+  return kind < QCOW_PROBLEM_NR ? names[kind] : NULL;
+}
+
+/* ---- reporting ---- */
+
+static void __attribute__ ((format (printf, 3, 4)))
+report (struct walk *w, struct qcow_check_problem *p, const char *fmt, ...)
+{
+  char msg[512];
+  va_list ap;
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  p->message = msg;
+  w->res->problems[p->kind]++;
+  if (p->corruption)
+    w->res->corruptions++;
+  else
+    w->res->leaks++;
+  if (w->cb && !w->plan)
+    w->cb (p, w->opaque);
+}
+
+/* A simple problem about one entry at SRC referring to DST. */
+#define PROBLEM(w, kind_, what_, src_, dst_, ...) do {                  \
+    struct qcow_check_problem p_ = {                                    \
+      .kind = (kind_), .corruption = true, .what = (what_),             \
+      .src = (src_), .dst = (dst_) };                                   \
+    report ((w), &p_, __VA_ARGS__);                                     \
+  } while (0)
+
+static void __attribute__ ((format (printf, 2, 3)))
+refuse (struct walk *w, const char *fmt, ...)
+{
+  if (w->refuse)
+    return;
+  w->refuse = true;
+  va_list ap;
+  va_start (ap, fmt);
+  vsnprintf (w->why, sizeof w->why, fmt, ap);
+  va_end (ap);
+}
+
+static void __attribute__ ((format (printf, 2, 3)))
+fail (struct qcow_check_result *res, const char *fmt, ...)
+{
+  if (res->verdict == QCOW_CHECK_FAILED)
+    return;
+  res->verdict = QCOW_CHECK_FAILED;
+  va_list ap;
+  va_start (ap, fmt);
+  vsnprintf (res->reason, sizeof res->reason, fmt, ap);
+  va_end (ap);
+}
+
+/* ---- reading ---- */
+
+/* The index of the first fix at or after OFF in sorted F. */
+static size_t
+fixes_find (const struct fixes *f, uint64_t off)
+{
+  size_t lo = 0, hi = f->n;
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (f->v[mid].off < off)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+/* Read [OFF, OFF+LEN), zeros past the end of the file, with the fixes of
+ * earlier planning rounds applied. */
+static int
+rd (struct walk *w, void *buf, uint64_t len, uint64_t off)
+{
+  uint8_t *p = buf;
+  uint64_t done = 0;
+  while (done < len) {
+    ssize_t r = pread (w->fd, p + done, len - done, (off_t) (off + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0) {
+      w->err = -errno;
+      fail (w->res, "read error at offset %" PRIu64 ": %s",
+            off + done, strerror (-w->err));
+      return w->err;
+    }
+    if (r == 0) {
+      memset (p + done, 0, len - done);
+      break;
+    }
+    done += r;
+  }
+  if (w->overlay && w->overlay->n) {
+    const struct fixes *o = w->overlay;
+    for (size_t i = fixes_find (o, off); i < o->n && o->v[i].off + 8 <= off + len; i++)
+      wr64 (p + (o->v[i].off - off), o->v[i].val);
+  }
+  return 0;
+}
+
+/* ---- planning ---- */
+
+static void
+add_fix (struct walk *w, uint64_t off, uint64_t val, enum fix_tag tag)
+{
+  if (w->fx.n == MAX_FIXES) {
+    refuse (w, "too many damaged entries");
+    return;
+  }
+  if (w->fx.n == w->fx.cap) {
+    size_t cap = w->fx.cap ? w->fx.cap * 2 : 64;
+    struct fix *v = realloc (w->fx.v, cap * sizeof *v);
+    if (!v) {
+      refuse (w, "out of memory");
+      return;
+    }
+    w->fx.v = v;
+    w->fx.cap = cap;
+  }
+  w->fx.v[w->fx.n] = (struct fix) { off, val, tag, w->fx.n };
+  w->fx.n++;
+  if (tag == FIX_CLEAR)
+    w->last_cleared = off;
+}
+
+static bool
+in_active_l1 (const struct qcow_header *h, uint64_t off)
+{
+  return off >= h->l1_table_offset &&
+    off < h->l1_table_offset + (uint64_t) h->l1_size * 8;
+}
+
+/* Unlink the entry at SRC that refers to a K. */
+static void
+clear_entry (struct walk *w, uint64_t src, enum ref k, bool snap)
+{
+  if (snap) {
+    refuse (w, "a damaged entry at 0x%" PRIx64 " in a snapshot's tables refers "
+            "to a %s: delete the snapshot (qemu-img snapshot -d) first",
+            src, ref_name[k]);
+    return;
+  }
+  switch (k) {
+  case R_L2:
+    add_fix (w, src, 0, FIX_CLEAR);
+    w->l1_fixed = true;
+    break;
+  case R_DATA:
+  case R_COMPRESSED:
+    if (w->extl2) {
+      add_fix (w, src, 0, FIX_CLEAR);
+      add_fix (w, src + 8, EXTL2_ALL_ZERO, FIX_AUX);
+    }
+    else
+      add_fix (w, src, w->h.version >= 3 ? ENTRY_ZERO : 0, FIX_CLEAR);
+    break;
+  default:
+    if (!is_loser (k))
+      refuse (w, "the %s referenced from 0x%" PRIx64 " is damaged",
+              ref_name[k], src);
+    break;
+  }
+}
+
+/* Two references to one cluster conflict: decide which one goes. */
+static void
+resolve (struct walk *w, uint64_t o1, uint64_t o2, uint64_t cluster)
+{
+  enum ref k1 = OWN_KIND (o1), k2 = OWN_KIND (o2);
+  if (is_loser (k1) || is_loser (k2))
+    return;
+  if (k1 == k2 && (k1 == R_DATA || k1 == R_L2))
+    return;                     /* shared: refcount 2, COPIED cleared */
+  if (is_datalike (k1) && is_datalike (k2)) {
+    refuse (w, "host cluster %" PRIu64 " is both a data cluster and part of "
+            "a compressed cluster", cluster);
+    return;
+  }
+  /* Metadata wins over data, and fixed structures over L2 tables. */
+  if (is_datalike (k1) || (k1 == R_L2 && !is_datalike (k2)))
+    clear_entry (w, OWN_SRC (o1), k1, OWN_SNAP (o1));
+  else if (is_datalike (k2) || k2 == R_L2)
+    clear_entry (w, OWN_SRC (o2), k2, OWN_SNAP (o2));
+  else
+    refuse (w, "the %s and the %s overlap at host cluster %" PRIu64,
+            ref_name[k1], ref_name[k2], cluster);
+}
+
+/* ---- counting ---- */
+
+/* Count one reference from SRC to cluster C (inside the file).  Returns
+ * false if it conflicts with an earlier reference. */
+static bool
+add_ref (struct walk *w, uint64_t c, enum ref k, uint64_t src, bool excl)
+{
+  excl = excl || is_fixed (k);
+  if (w->count[c] < RC_UNKNOWN - 1)
+    w->count[c]++;
+  if (w->count[c] == 1) {
+    w->owner[c] = own (src, k, excl, w->snap);
+    return true;
+  }
+  uint64_t o = w->owner[c];
+  enum ref pk = OWN_KIND (o);
+  if (!OWN_EXCL (o) && !excl && pk == k)
+    return true;
+  uint64_t dst = c << w->cluster_bits;
+  struct qcow_check_problem p = {
+    .corruption = true, .what = ref_name[k], .src = src, .dst = dst,
+    .what2 = ref_name[pk], .src2 = OWN_SRC (o),
+  };
+  if (pk == R_DATA && k == R_DATA) {
+    p.kind = QCOW_PROBLEM_DUPLICATE;
+    report (w, &p, "ERROR cluster %" PRIu64 " (0x%" PRIx64 "): data cluster "
+            "referenced twice, from 0x%" PRIx64 " and from 0x%" PRIx64,
+            c, dst, OWN_SRC (o), src);
+  }
+  else {
+    p.kind = QCOW_PROBLEM_OVERLAP;
+    report (w, &p, "ERROR cluster %" PRIu64 " (0x%" PRIx64 ") is %s "
+            "(referenced from 0x%" PRIx64 ") and also %s (referenced from 0x%"
+            PRIx64 ")", c, dst, ref_name[pk], OWN_SRC (o), ref_name[k], src);
+  }
+  if (w->plan)
+    resolve (w, o, own (src, k, excl, w->snap), c);
+  return false;
+}
+
+/* Count a reference from SRC to the bytes [OFF, OFF+LEN).  Returns 1 if
+ * counted, 0 if counted but conflicting, -1 if outside the file (not
+ * counted; in planning the entry at SRC is unlinked). */
+static int
+ref_range (struct walk *w, uint64_t off, uint64_t len, enum ref k,
+           uint64_t src, bool excl)
+{
+  if (len == 0)
+    return 1;
+  uint64_t end = off + len;
+  if (end < off || (end - 1) >> w->cluster_bits >= w->nclusters) {
+    PROBLEM (w, QCOW_PROBLEM_OUTSIDE_FILE, ref_name[k], src, off,
+             "ERROR %s at 0x%" PRIx64 " (%" PRIu64 " bytes, referenced from "
+             "0x%" PRIx64 ") lies outside the file (%" PRIu64 " bytes)",
+             ref_name[k], off, len, src, w->file_size);
+    if (w->plan)
+      clear_entry (w, src, k, w->snap);
+    return -1;
+  }
+  int ok = 1;
+  for (uint64_t c = off >> w->cluster_bits; c <= (end - 1) >> w->cluster_bits; c++)
+    if (!add_ref (w, c, k, src, excl))
+      ok = 0;
+  return ok;
+}
+
+/* Host byte range of compressed descriptor ENT. */
+static void
+compressed_range (const struct walk *w, uint64_t ent, uint64_t *off, uint64_t *len)
+{
+  unsigned x = 62 - (w->cluster_bits - 8);
+  uint64_t nsect = ((ent >> x) & ((1ULL << (w->cluster_bits - 8)) - 1)) + 1;
+  *off = ent & ((1ULL << x) - 1);
+  *len = nsect * 512 - (*off & 511);
+}
+
+static void
+add_doubt (struct walk *w, uint64_t src, uint64_t ent, enum ref k)
+{
+  if (w->snap) {
+    clear_entry (w, src, k, true);
+    return;
+  }
+  if (w->ndoubts == w->doubtcap) {
+    size_t cap = w->doubtcap ? w->doubtcap * 2 : 16;
+    struct doubt *d = realloc (w->doubts, cap * sizeof *d);
+    if (!d) {
+      refuse (w, "out of memory");
+      return;
+    }
+    w->doubts = d;
+    w->doubtcap = cap;
+  }
+  w->doubts[w->ndoubts++] = (struct doubt) { src, ent, k };
+}
+
+/* ---- the L2 and L1 tables ---- */
+
+static void
+walk_l2 (struct walk *w, uint64_t l2off, bool active)
+{
+  const uint64_t cs = w->cs;
+  if (rd (w, w->buf, cs, l2off) < 0)
+    return;
+  for (uint64_t j = 0; j < w->l2_entries; j++) {
+    const uint8_t *pe = w->buf + (j << w->esh);
+    uint64_t src = l2off + (j << w->esh);
+    uint64_t e = rd64 (pe), bm = w->extl2 ? rd64 (pe + 8) : 0;
+
+    if (e & ENTRY_COMPRESSED) {
+      if (active) {
+        w->res->allocated_clusters++;
+        w->res->compressed_clusters++;
+      }
+      if (w->data_file || (w->extl2 && bm)) {
+        PROBLEM (w, QCOW_PROBLEM_INVALID, "compressed cluster", src, 0,
+                 "ERROR L2 entry at 0x%" PRIx64 ": %s", src, w->data_file
+                 ? "compressed cluster in an image with an external data file"
+                 : "compressed cluster with a subcluster bitmap");
+        if (w->plan)
+          clear_entry (w, src, R_COMPRESSED, w->snap);
+        continue;
+      }
+      uint64_t coff, clen;
+      compressed_range (w, e & ~ENTRY_COPIED, &coff, &clen);
+      ref_range (w, coff, clen, R_COMPRESSED, src, false);
+      continue;
+    }
+
+    uint64_t off = e & L2_OFFSET_MASK, reserved = e & L2_RESERVED_MASK;
+    if (w->extl2 && ((bm >> 32) & bm & 0xffffffff)) {
+      PROBLEM (w, QCOW_PROBLEM_INVALID, "L2 table", src, off,
+               "ERROR L2 entry at 0x%" PRIx64 ": subclusters both allocated "
+               "and zero (bitmap 0x%016" PRIx64 ")", src, bm);
+      if (w->plan)
+        refuse (w, "invalid subcluster bitmap at 0x%" PRIx64, src + 8);
+    }
+    if (reserved) {
+      PROBLEM (w, QCOW_PROBLEM_RESERVED, "L2 table", src, off,
+               "ERROR L2 entry at 0x%" PRIx64 " has reserved bits set: "
+               "0x%016" PRIx64, src, e);
+    }
+    if (!off) {
+      if (w->extl2 && (bm & 0xffffffff)) {
+        PROBLEM (w, QCOW_PROBLEM_INVALID, "L2 table", src, 0,
+                 "ERROR L2 entry at 0x%" PRIx64 ": allocated subclusters "
+                 "without a host cluster", src);
+        if (w->plan)
+          refuse (w, "invalid subcluster bitmap at 0x%" PRIx64, src + 8);
+      }
+      if (w->plan && reserved)
+        add_fix (w, src, e & ~reserved, FIX_RESERVED);
+      continue;
+    }
+    if (active)
+      w->res->allocated_clusters++;
+    bool misaligned = off & (cs - 1);
+    if (misaligned)
+      PROBLEM (w, QCOW_PROBLEM_MISALIGNED, "data cluster", src, off,
+               "ERROR offset=%" PRIx64 ": Data cluster is not properly "
+               "aligned; L2 entry at 0x%" PRIx64 " corrupted", off, src);
+    if (w->data_file) {         /* data lives in the other file */
+      if (w->plan && misaligned)
+        clear_entry (w, src, R_DATA, w->snap);
+      else if (w->plan && reserved)
+        add_fix (w, src, e & ~reserved, FIX_RESERVED);
+      continue;
+    }
+    int r = ref_range (w, off & ~(cs - 1), cs, R_DATA, src,
+                       active && (e & ENTRY_COPIED));
+    if (w->plan && r >= 0) {
+      if (misaligned)
+        add_doubt (w, src, e, R_DATA);
+      else if (reserved)
+        add_fix (w, src, e & ~reserved, FIX_RESERVED);
+    }
+  }
+}
+
+static void
+walk_l1 (struct walk *w, uint64_t l1off, uint32_t l1_size, bool active)
+{
+  const uint64_t cs = w->cs;
+  uint64_t *l1 = malloc ((uint64_t) (l1_size ? l1_size : 1) * 8);
+  if (!l1) {
+    w->err = -ENOMEM;
+    fail (w->res, "out of memory for an L1 table of %" PRIu32
+          " entries", l1_size);
+    return;
+  }
+  if (rd (w, l1, (uint64_t) l1_size * 8, l1off) < 0)
+    goto out;
+  for (uint32_t i = 0; i < l1_size && !w->err; i++) {
+    uint64_t src = l1off + 8ULL * i, e = be64toh (l1[i]);
+    uint64_t off = e & L1_OFFSET_MASK, reserved = e & L1_RESERVED_MASK;
+    if (reserved)
+      PROBLEM (w, QCOW_PROBLEM_RESERVED, "L1 table", src, off,
+               "ERROR L1 entry at 0x%" PRIx64 " (index %" PRIu32 ") has "
+               "reserved bits set: 0x%016" PRIx64, src, i, e);
+    if (!off) {
+      if (w->plan && e) {
+        add_fix (w, src, 0, FIX_RESERVED);
+        w->l1_fixed = true;
+      }
+      continue;
+    }
+    bool misaligned = off & (cs - 1);
+    if (misaligned)
+      PROBLEM (w, QCOW_PROBLEM_MISALIGNED, "L2 table", src, off,
+               "ERROR l2_offset=%" PRIx64 ": Table is not cluster aligned; "
+               "L1 entry at 0x%" PRIx64 " (index %" PRIu32 ") corrupted",
+               off, src, i);
+    uint64_t aoff = off & ~(cs - 1);
+    int r = ref_range (w, aoff, cs, R_L2, src, active && (e & ENTRY_COPIED));
+    if (r < 0)
+      continue;
+    if (w->plan) {
+      if (misaligned) {
+        add_doubt (w, src, e, R_L2);
+        continue;               /* walked once the entry is decided */
+      }
+      if (reserved) {
+        if (w->snap)
+          clear_entry (w, src, R_L2, true);
+        else {
+          add_fix (w, src, e & ~reserved, FIX_RESERVED);
+          w->l1_fixed = true;
+        }
+        continue;
+      }
+      if (w->last_cleared == src)
+        continue;               /* being unlinked: not followed */
+      if (active)
+        w->active_l2[(aoff >> w->cluster_bits) / 8] |=
+          1u << ((aoff >> w->cluster_bits) % 8);
+    }
+    walk_l2 (w, aoff, active);
+  }
+ out:
+  free (l1);
+}
+
+/* ---- refcounts ---- */
+
+static uint64_t
+refblock_entry (unsigned order, const uint8_t *d, uint64_t i)
+{
+  if (order < 3) {
+    unsigned bits = 1u << order;
+    uint64_t bit = i * bits;
+    return (d[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
+  }
+  switch (order) {
+  case 3: return d[i];
+  case 4: return rd16 (d + 2 * i);
+  case 5: return rd32 (d + 4 * i);
+  default: return rd64 (d + 8 * i);
+  }
+}
+
+/* Read the refcount table and blocks into w->stored; count their
+ * clusters unless planning (the repair replaces them). */
+static void
+walk_refcounts (struct walk *w)
+{
+  const uint64_t cs = w->cs, rct_off = w->h.refcount_table_offset;
+  const uint64_t per_block = 1ULL << w->rb_bits;
+  uint64_t *rct = malloc (w->rct_entries * 8);
+  if (!rct) {
+    w->err = -ENOMEM;
+    fail (w->res, "out of memory for the refcount table");
+    return;
+  }
+  if (!w->plan)
+    ref_range (w, rct_off, w->rct_entries * 8, R_RCT, 48, true);
+  if (rd (w, rct, w->rct_entries * 8, rct_off) < 0)
+    goto out;
+  for (uint64_t i = 0; i < w->rct_entries && !w->err; i++) {
+    uint64_t e = be64toh (rct[i]), src = rct_off + 8 * i;
+    uint64_t first = i * per_block;
+    if (e == 0)
+      continue;                 /* all free (already 0) */
+    bool bad = false;
+    if (e & (cs - 1)) {
+      PROBLEM (w, QCOW_PROBLEM_MISALIGNED, "refcount block", src, e,
+               "ERROR refcount block %" PRIu64 " is not cluster aligned; "
+               "refcount table entry corrupted (0x%016" PRIx64 ")", i, e);
+      bad = true;
+    }
+    else if (e >> w->cluster_bits >= w->nclusters) {
+      PROBLEM (w, QCOW_PROBLEM_OUTSIDE_FILE, "refcount block", src, e,
+               "ERROR refcount block %" PRIu64 " at 0x%" PRIx64 " is outside "
+               "the file", i, e);
+      bad = true;
+    }
+    else if (!w->plan) {
+      uint64_t c = e >> w->cluster_bits;
+      bool seen = w->count[c] > 0;
+      add_ref (w, c, R_REFBLOCK, src, true);
+      bad = seen;               /* overlapping: its content is not a block */
+    }
+    if (first >= w->nclusters)
+      continue;                 /* describes clusters past the end only */
+    if (!bad && rd (w, w->buf, cs, e) < 0)
+      break;
+    for (uint64_t j = 0; j < per_block && first + j < w->nclusters; j++) {
+      uint64_t v = bad ? RC_UNKNOWN
+        : refblock_entry (w->h.refcount_order, w->buf, j);
+      w->stored[first + j] = v >= RC_UNKNOWN && !bad ? RC_UNKNOWN - 1 : v;
+    }
+  }
+ out:
+  free (rct);
+}
+
+/* Counts against stored refcounts (check) or against the refcount width
+ * (planning), and the cluster statistics. */
+static void
+compare_refcounts (struct walk *w)
+{
+  struct qcow_check_result *res = w->res;
+  uint64_t limit = w->refcount_max < UINT16_MAX ? w->refcount_max : UINT16_MAX;
+  uint64_t highest = 0;
+  bool any = false;
+  for (uint64_t c = 0; c < w->nclusters; c++) {
+    uint64_t n = w->count[c], s = w->stored[c];
+    if (n) {
+      res->used_clusters++;
+      if (n > w->refcount_max) {
+        PROBLEM (w, QCOW_PROBLEM_INVALID, "cluster", 0, c << w->cluster_bits,
+                 "ERROR cluster %" PRIu64 " has %" PRIu64 " references, more "
+                 "than %" PRIu32 "-bit refcounts can count", c, n,
+                 1u << w->h.refcount_order);
+      }
+      if (w->plan && n > limit)
+        refuse (w, "cluster %" PRIu64 " would need a refcount of %" PRIu64
+                ", more than this image's refcounts can hold", c, n);
+    }
+    if (n || (s && s != RC_UNKNOWN)) {
+      highest = c;
+      any = true;
+    }
+    if (w->plan || s == RC_UNKNOWN || s == n)
+      continue;
+    struct qcow_check_problem p = {
+      .kind = s < n ? QCOW_PROBLEM_REFCOUNT : QCOW_PROBLEM_LEAK,
+      .corruption = s < n, .what = "cluster", .dst = c << w->cluster_bits,
+      .refcount = s, .references = n,
+    };
+    report (w, &p, "%s cluster %" PRIu64 " refcount=%" PRIu64 " reference=%"
+            PRIu64, s < n ? "ERROR" : "Leaked", c, s, n);
+  }
+  res->free_clusters = w->nclusters - res->used_clusters;
+  res->used_bytes = res->used_clusters * w->cs;
+  res->free_bytes = res->free_clusters * w->cs;
+  res->image_end_offset = any ? (highest + 1) * w->cs : 0;
+}
+
+/* COPIED flags of the active tables: against the stored refcounts
+ * (check, as qemu-img), or set from the recounted ones (planning). */
+static void
+copied_pass (struct walk *w)
+{
+  const uint64_t cs = w->cs, l1off = w->h.l1_table_offset;
+  const uint32_t n = w->h.l1_size;
+  uint64_t *l1 = malloc ((uint64_t) (n ? n : 1) * 8);
+  if (!l1) {
+    w->err = -ENOMEM;
+    fail (w->res, "out of memory");
+    return;
+  }
+  if (rd (w, l1, (uint64_t) n * 8, l1off) < 0)
+    goto out;
+  for (uint32_t i = 0; i < n && !w->err; i++) {
+    uint64_t src = l1off + 8ULL * i, e = be64toh (l1[i]);
+    uint64_t off = e & L1_OFFSET_MASK, c = off >> w->cluster_bits;
+    if (!off || (off & (cs - 1)) || c >= w->nclusters)
+      continue;
+    uint64_t rc = w->plan ? w->count[c] : w->stored[c];
+    if (rc != RC_UNKNOWN && (rc == 1) != ((e & ENTRY_COPIED) != 0)) {
+      struct qcow_check_problem p = {
+        .kind = QCOW_PROBLEM_COPIED, .corruption = true, .what = "L2 table",
+        .src = src, .dst = off, .refcount = rc, .references = w->count[c],
+      };
+      report (w, &p, "ERROR OFLAG_COPIED L2 cluster: l1_index=%" PRIu32
+              " l1_entry=%" PRIx64 " refcount=%" PRIu64, i, e, rc);
+      if (w->plan)
+        add_fix (w, src, e ^ ENTRY_COPIED, FIX_COPIED);
+    }
+    if (rd (w, w->buf, cs, off) < 0)
+      break;
+    for (uint64_t j = 0; j < w->l2_entries; j++) {
+      uint64_t s2 = off + (j << w->esh), e2 = rd64 (w->buf + (j << w->esh));
+      if (e2 & ENTRY_COMPRESSED) {
+        if (e2 & ENTRY_COPIED) {
+          PROBLEM (w, QCOW_PROBLEM_COPIED, "compressed cluster", s2, 0,
+                   "ERROR: L2 entry at 0x%" PRIx64 ": copied flag must never "
+                   "be set for compressed clusters", s2);
+          if (w->plan)
+            add_fix (w, s2, e2 & ~ENTRY_COPIED, FIX_COPIED);
+        }
+        continue;
+      }
+      uint64_t d = e2 & L2_OFFSET_MASK, dc = d >> w->cluster_bits;
+      if (!d || (d & (cs - 1)) || (!w->data_file && dc >= w->nclusters))
+        continue;
+      uint64_t rc2 = w->data_file ? 1 : w->plan ? w->count[dc] : w->stored[dc];
+      if (rc2 == RC_UNKNOWN || (rc2 == 1) == ((e2 & ENTRY_COPIED) != 0))
+        continue;
+      struct qcow_check_problem p = {
+        .kind = QCOW_PROBLEM_COPIED, .corruption = true,
+        .what = "data cluster", .src = s2, .dst = d, .refcount = rc2,
+        .references = w->data_file ? 1 : w->count[dc],
+      };
+      report (w, &p, "ERROR OFLAG_COPIED data cluster: l2_entry=%" PRIx64
+              " refcount=%" PRIu64, e2, rc2);
+      if (w->plan)
+        add_fix (w, s2, e2 ^ ENTRY_COPIED, FIX_COPIED);
+    }
+  }
+ out:
+  free (l1);
+}
+
+/* ---- snapshots and bitmaps ---- */
+
+static void
+walk_snapshots (struct walk *w)
+{
+  const struct qcow_header *h = &w->h;
+  const uint64_t cs = w->cs;
+  if (h->nb_snapshots == 0)
+    return;
+  if (h->nb_snapshots > MAX_SNAPSHOTS || h->snapshots_offset % cs ||
+      h->snapshots_offset >= w->file_size) {
+    PROBLEM (w, QCOW_PROBLEM_INVALID, "snapshot table", 64, h->snapshots_offset,
+             "ERROR snapshot table (%" PRIu32 " snapshots at 0x%" PRIx64
+             ") is %s", h->nb_snapshots, h->snapshots_offset,
+             h->nb_snapshots > MAX_SNAPSHOTS ? "too large"
+             : h->snapshots_offset % cs ? "not cluster aligned"
+             : "outside the file");
+    if (w->plan)
+      refuse (w, "the snapshot table is damaged");
+    return;
+  }
+  uint64_t avail = w->file_size - h->snapshots_offset;
+  if (avail > MAX_SNAPSHOT_TABLE)
+    avail = MAX_SNAPSHOT_TABLE;
+  uint8_t *t = malloc (avail);
+  if (!t) {
+    w->err = -ENOMEM;
+    fail (w->res, "out of memory for the snapshot table");
+    return;
+  }
+  if (rd (w, t, avail, h->snapshots_offset) < 0)
+    goto out;
+  uint64_t off = 0;
+  for (uint32_t i = 0; i < h->nb_snapshots; i++) {
+    uint64_t extra = off + 40 <= avail ? rd32 (t + off + 36) : 0;
+    uint64_t len = off + 40 <= avail
+      ? 40 + extra + rd16 (t + off + 12) + rd16 (t + off + 14) : 0;
+    if (off + 40 > avail || extra > MAX_SNAPSHOT_EXTRA || off + len > avail) {
+      PROBLEM (w, QCOW_PROBLEM_INVALID, "snapshot table", h->snapshots_offset + off,
+               h->snapshots_offset, "ERROR snapshot table entry %" PRIu32
+               " at 0x%" PRIx64 " is truncated or malformed", i,
+               h->snapshots_offset + off);
+      if (w->plan)
+        refuse (w, "the snapshot table is damaged");
+      goto out;
+    }
+    off += (len + 7) & ~7ULL;
+  }
+  ref_range (w, h->snapshots_offset, off, R_SNAPTABLE, 64, true);
+
+  off = 0;
+  for (uint32_t i = 0; i < h->nb_snapshots && !w->err; i++) {
+    const uint8_t *e = t + off;
+    uint64_t src = h->snapshots_offset + off;
+    uint64_t l1off = rd64 (e);
+    uint32_t l1_size = rd32 (e + 8);
+    off += (40 + rd32 (e + 36) + rd16 (e + 12) + rd16 (e + 14) + 7) & ~7ULL;
+    if (l1_size == 0)
+      continue;
+    if (l1_size > QCOW_MAX_L1_BYTES / 8 || l1off % cs) {
+      PROBLEM (w, l1off % cs ? QCOW_PROBLEM_MISALIGNED : QCOW_PROBLEM_INVALID,
+               "snapshot L1 table", src, l1off,
+               "ERROR snapshot %" PRIu32 ": L1 table at 0x%" PRIx64 " (%"
+               PRIu32 " entries) is %s", i, l1off, l1_size,
+               l1off % cs ? "not cluster aligned" : "too large");
+      if (w->plan)
+        refuse (w, "snapshot %" PRIu32 "'s L1 table is damaged", i);
+      continue;
+    }
+    w->snap = true;
+    if (ref_range (w, l1off, (uint64_t) l1_size * 8, R_SNAP_L1, src, true) >= 0)
+      walk_l1 (w, l1off, l1_size, false);
+    w->snap = false;
+  }
+ out:
+  free (t);
+}
+
+static void
+walk_bitmaps (struct walk *w)
+{
+  const uint64_t cs = w->cs;
+  if (!w->bm_ext || !(w->h.autoclear_features & 1))
+    return;                     /* absent, or inconsistent and ignored */
+  w->res->bitmaps_checked = true;
+  uint64_t dsize = w->bm_dir_size, doff = w->bm_dir_offset;
+  if (w->bm_nb == 0)
+    return;
+  if (dsize > MAX_BITMAP_DIR || doff % cs) {
+    PROBLEM (w, QCOW_PROBLEM_INVALID, "bitmap directory", w->bm_ext + 16, doff,
+             "ERROR bitmap directory at 0x%" PRIx64 " (%" PRIu64 " bytes) is "
+             "%s", doff, dsize, doff % cs ? "not cluster aligned" : "too large");
+    return;
+  }
+  if (ref_range (w, doff, dsize, R_BITMAP_DIR, w->bm_ext + 16, true) < 0)
+    return;
+  uint8_t *d = malloc (dsize ? dsize : 1);
+  uint64_t *tab = NULL;
+  if (!d) {
+    w->err = -ENOMEM;
+    fail (w->res, "out of memory for the bitmap directory");
+    return;
+  }
+  if (rd (w, d, dsize, doff) < 0)
+    goto out;
+  uint64_t off = 0;
+  for (uint32_t i = 0; i < w->bm_nb && !w->err; i++) {
+    uint64_t src = doff + off;
+    if (off + 24 > dsize ||
+        off + 24 + rd32 (d + off + 20) + rd16 (d + off + 18) > dsize) {
+      PROBLEM (w, QCOW_PROBLEM_INVALID, "bitmap directory", src, doff,
+               "ERROR bitmap directory entry %" PRIu32 " is truncated", i);
+      break;
+    }
+    uint64_t toff = rd64 (d + off);
+    uint32_t tsize = rd32 (d + off + 8);
+    off += (24 + rd32 (d + off + 20) + rd16 (d + off + 18) + 7) & ~7ULL;
+    if (tsize > MAX_BITMAP_TABLE || toff % cs) {
+      PROBLEM (w, QCOW_PROBLEM_INVALID, "bitmap table", src, toff,
+               "ERROR bitmap %" PRIu32 ": table at 0x%" PRIx64 " (%" PRIu32
+               " entries) is %s", i, toff, tsize,
+               toff % cs ? "not cluster aligned" : "too large");
+      continue;
+    }
+    if (ref_range (w, toff, (uint64_t) tsize * 8, R_BITMAP_TABLE, src, true) < 0)
+      continue;
+    free (tab);
+    if (!(tab = malloc ((uint64_t) (tsize ? tsize : 1) * 8))) {
+      w->err = -ENOMEM;
+      fail (w->res, "out of memory for a bitmap table");
+      break;
+    }
+    if (rd (w, tab, (uint64_t) tsize * 8, toff) < 0)
+      break;
+    for (uint32_t j = 0; j < tsize; j++) {
+      uint64_t e = be64toh (tab[j]), boff = e & BITMAP_OFFSET_MASK;
+      if (!boff)
+        continue;
+      if (boff % cs)
+        PROBLEM (w, QCOW_PROBLEM_MISALIGNED, "bitmap data cluster",
+                 toff + 8ULL * j, boff, "ERROR bitmap %" PRIu32 ": data "
+                 "cluster 0x%" PRIx64 " is not cluster aligned", i, boff);
+      else
+        ref_range (w, boff, cs, R_BITMAP_DATA, toff + 8ULL * j, true);
+    }
+  }
+ out:
+  free (tab);
+  free (d);
+}
+
+/* ---- the header ---- */
+
+/* Parse the header from W->fd: fills W's geometry.  Refuses (with the
+ * reason in W->res) only what makes the tables unreadable. */
+static int
+parse_header (struct walk *w)
+{
+  struct qcow_check_result *res = w->res;
+  struct qcow_header *h = &w->h;
+  struct stat st;
+  if (fstat (w->fd, &st) == -1) {
+    int e = errno;
+    fail (res, "stat: %s", strerror (e));
+    return -e;
+  }
+  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
+    fail (res, "not a regular file or block device");
+    return -EINVAL;
+  }
+  off_t size = lseek (w->fd, 0, SEEK_END);
+  if (size < 0) {
+    int e = errno;
+    fail (res, "seek: %s", strerror (e));
+    return -e;
+  }
+  w->file_size = res->file_size = size;
+
+  uint8_t *buf = calloc (1, 1u << QCOW_MAX_CLUSTER_BITS);
+  int r = -EINVAL;
+  if (!buf) {
+    fail (res, "out of memory");
+    return -ENOMEM;
+  }
+  if (rd (w, buf, 4096, 0) < 0) {
+    r = w->err;
+    goto out;
+  }
+  if (w->file_size < QCOW_V2_HEADER_LEN || rd32 (buf) != QCOW_MAGIC) {
+    fail (res, "not a qcow2 image (%s)", rd32 (buf) != QCOW_MAGIC
+          ? "bad magic" : "truncated header");
+    goto out;
+  }
+  memset (h, 0, sizeof *h);
+  h->version = rd32 (buf + 4);
+  h->cluster_bits = rd32 (buf + 20);
+  if (h->version != 2 && h->version != 3) {
+    fail (res, "unsupported qcow2 version %" PRIu32, h->version);
+    r = -ENOTSUP;
+    goto out;
+  }
+  if (h->cluster_bits < QCOW_MIN_CLUSTER_BITS || h->cluster_bits > QCOW_MAX_CLUSTER_BITS) {
+    fail (res, "cluster_bits %" PRIu32 " out of range (%d..%d)",
+          h->cluster_bits, QCOW_MIN_CLUSTER_BITS, QCOW_MAX_CLUSTER_BITS);
+    goto out;
+  }
+  const uint64_t cs = 1ULL << h->cluster_bits;
+  if (cs > 4096 && rd (w, buf, cs, 0) < 0) {
+    r = w->err;
+    goto out;
+  }
+  uint64_t backing_off = rd64 (buf + 8);
+  h->size = rd64 (buf + 24);
+  h->crypt_method = rd32 (buf + 32);
+  h->l1_size = rd32 (buf + 36);
+  h->l1_table_offset = rd64 (buf + 40);
+  h->refcount_table_offset = rd64 (buf + 48);
+  h->refcount_table_clusters = rd32 (buf + 56);
+  h->nb_snapshots = rd32 (buf + 60);
+  h->snapshots_offset = rd64 (buf + 64);
+  h->refcount_order = 4;
+  h->header_length = QCOW_V2_HEADER_LEN;
+  if (h->version == 3) {
+    h->incompatible_features = rd64 (buf + 72);
+    h->compatible_features = rd64 (buf + 80);
+    h->autoclear_features = rd64 (buf + 88);
+    h->refcount_order = rd32 (buf + 96);
+    h->header_length = rd32 (buf + 100);
+    if (h->header_length < 104 || h->header_length % 8 || h->header_length > cs ||
+        h->header_length > w->file_size) {
+      fail (res, "header_length %" PRIu32 " is invalid", h->header_length);
+      goto out;
+    }
+    if (h->header_length > 104)
+      h->compression_type = buf[104];
+  }
+  if (h->refcount_order > 6) {
+    fail (res, "refcount_order %" PRIu32 " is invalid", h->refcount_order);
+    goto out;
+  }
+
+  /* Extensions, inside the header cluster. */
+  bool data_file_ext = false, crypt_ext = false;
+  uint64_t end = cs < w->file_size ? cs : w->file_size;
+  if (backing_off && backing_off < end)
+    end = backing_off;
+  for (uint64_t off = h->header_length; off + 8 <= end;) {
+    uint32_t type = rd32 (buf + off), len = rd32 (buf + off + 4);
+    if (type == EXT_END)
+      break;
+    if (len > end - off - 8) {
+      fail (res, "header extension 0x%08" PRIx32 " at offset %" PRIu64
+            " runs past the end of the header cluster", type, off);
+      goto out;
+    }
+    if (type == EXT_DATA_FILE)
+      data_file_ext = true;
+    else if (type == EXT_ENCRYPTION)
+      crypt_ext = true;
+    else if (type == EXT_BITMAPS && len >= 24) {
+      w->bm_ext = off + 8;
+      w->bm_nb = rd32 (buf + off + 8);
+      w->bm_dir_size = rd64 (buf + off + 16);
+      w->bm_dir_offset = rd64 (buf + off + 24);
+    }
+    off += 8 + ((len + 7ULL) & ~7ULL);
+  }
+
+  uint64_t incompat = h->incompatible_features;
+  if (incompat & ~KNOWN_INCOMPAT) {
+    fail (res, "unsupported incompatible feature bit %d",
+          __builtin_ctzll (incompat & ~KNOWN_INCOMPAT));
+    r = -ENOTSUP;
+    goto out;
+  }
+  if (h->crypt_method || crypt_ext) {
+    fail (res, "encrypted images are not supported");
+    r = -ENOTSUP;
+    goto out;
+  }
+  w->data_file = (incompat & QCOW_INCOMPAT_DATA_FILE) || data_file_ext;
+  w->extl2 = incompat & QCOW_INCOMPAT_EXTL2;
+  if (w->extl2 && h->cluster_bits < 14) {
+    fail (res, "extended L2 entries need clusters of at least 16 KiB");
+    goto out;
+  }
+  if ((incompat & QCOW_INCOMPAT_COMPRESSION)
+      ? (h->header_length <= 104 || h->compression_type != 1)
+      : h->compression_type != 0) {
+    fail (res, "compression_type %u does not match the feature bits",
+          h->compression_type);
+    goto out;
+  }
+  res->marked_corrupt = incompat & QCOW_INCOMPAT_CORRUPT;
+  res->dirty = incompat & QCOW_INCOMPAT_DIRTY;
+
+  /* Geometry and the two tables the walk starts from. */
+  w->cluster_bits = h->cluster_bits;
+  w->cs = cs;
+  w->esh = w->extl2 ? 4 : 3;
+  w->l2_entries = cs >> w->esh;
+  w->rb_bits = h->cluster_bits + 3 - h->refcount_order;
+  w->refcount_max = h->refcount_order == 6 ? UINT64_MAX
+    : (1ULL << (1u << h->refcount_order)) - 1;
+  res->cluster_size = cs;
+  if (h->size > (1ULL << 62)) {
+    fail (res, "virtual size %" PRIu64 " is too large", h->size);
+    goto out;
+  }
+  res->total_clusters = div_round_up (h->size, cs);
+  uint64_t l1_needed = div_round_up (h->size, cs * w->l2_entries);
+  uint64_t l1_bytes = (uint64_t) h->l1_size * 8;
+  if (h->l1_size > QCOW_MAX_L1_BYTES / 8 || h->l1_size < l1_needed) {
+    fail (res, "L1 table size %" PRIu32 " is invalid (the virtual "
+          "size needs %" PRIu64 ")", h->l1_size, l1_needed);
+    goto out;
+  }
+  if (h->l1_size && (h->l1_table_offset % cs ||
+                     h->l1_table_offset > w->file_size ||
+                     l1_bytes > w->file_size - h->l1_table_offset)) {
+    fail (res, "L1 table (offset 0x%" PRIx64 ") is %s",
+          h->l1_table_offset, h->l1_table_offset % cs
+          ? "not cluster aligned" : "outside the file");
+    goto out;
+  }
+  uint64_t rct_bytes = (uint64_t) h->refcount_table_clusters << h->cluster_bits;
+  if (h->refcount_table_clusters == 0 || rct_bytes > QCOW_MAX_RCT_BYTES ||
+      h->refcount_table_offset % cs || h->refcount_table_offset > w->file_size ||
+      rct_bytes > w->file_size - h->refcount_table_offset) {
+    fail (res, "refcount table (offset 0x%" PRIx64 ", %" PRIu32
+          " clusters) is %s", h->refcount_table_offset,
+          h->refcount_table_clusters,
+          h->refcount_table_clusters == 0 ? "empty"
+          : rct_bytes > QCOW_MAX_RCT_BYTES ? "too large"
+          : h->refcount_table_offset % cs ? "not cluster aligned"
+          : "outside the file");
+    goto out;
+  }
+  w->rct_entries = rct_bytes / 8;
+  w->nclusters = div_round_up (w->file_size, cs);
+  res->file_clusters = w->nclusters;
+  if (w->nclusters > MAX_CLUSTERS) {
+    fail (res, "the file has too many clusters to check (%" PRIu64 ")",
+          w->nclusters);
+    r = -EFBIG;
+    goto out;
+  }
+  r = 0;
+ out:
+  free (buf);
+  return r;
+}
+
+/* ---- one walk ---- */
+
+static void
+walk_free (struct walk *w)
+{
+  free (w->count);
+  free (w->stored);
+  free (w->owner);
+  free (w->buf);
+  free (w->fx.v);
+  free (w->doubts);
+  free (w->active_l2);
+}
+
+/* Walk the image open on FD (check, or one planning round). */
+static int
+walk_image (struct walk *w)
+{
+  struct qcow_check_result *res = w->res;
+  int r = parse_header (w);
+  if (r < 0)
+    return r;
+  uint64_t n = w->nclusters ? w->nclusters : 1;
+  w->count = calloc (n, sizeof *w->count);
+  w->stored = calloc (n, sizeof *w->stored);
+  w->owner = calloc (n, sizeof *w->owner);
+  w->buf = malloc (w->cs);
+  w->active_l2 = calloc (n / 8 + 1, 1);
+  if (!w->count || !w->stored || !w->owner || !w->buf || !w->active_l2) {
+    fail (res, "out of memory for %" PRIu64 " clusters", n);
+    return -ENOMEM;
+  }
+
+  if (w->nclusters)
+    add_ref (w, 0, R_HEADER, 0, true);
+  walk_refcounts (w);
+  if (!w->err && w->h.l1_size)
+    ref_range (w, w->h.l1_table_offset, (uint64_t) w->h.l1_size * 8, R_L1, 40, true);
+  if (!w->err)
+    walk_l1 (w, w->h.l1_table_offset, w->h.l1_size, true);
+  if (!w->err)
+    walk_snapshots (w);
+  if (!w->err && !w->plan)
+    walk_bitmaps (w);
+  if (!w->err)
+    compare_refcounts (w);
+  if (!w->err && !w->plan)
+    copied_pass (w);
+  if (w->err)
+    return w->err;
+
+  res->verdict = res->corruptions ? QCOW_CHECK_CORRUPT
+    : res->leaks ? QCOW_CHECK_LEAKS : QCOW_CHECK_CLEAN;
+  return 0;
+}
+
+int
+qcow_check_file (const char *path, struct qcow_check_result *res,
+                 qcow_check_cb cb, void *opaque)
+{
+  memset (res, 0, sizeof *res);
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd == -1) {
+    int e = errno;
+    fail (res, "%s", strerror (e));
+    return -e;
+  }
+  char lockmsg[256] = "";
+  int r = qcow_lock_image (fd, NULL, false, lockmsg, sizeof lockmsg);
+  if (r < 0) {
+    fail (res, "%s", lockmsg);
+    close (fd);
+    return r;
+  }
+  struct walk w = { .path = path, .fd = fd, .res = res, .cb = cb, .opaque = opaque };
+  r = walk_image (&w);
+  walk_free (&w);
+  close (fd);
+  return r;
+}
+
+/* ---- repair ---- */
+
+/* Order: by offset, then the strongest tag, then the latest. */
+static int
+fix_cmp (const void *a, const void *b)
+{
+  const struct fix *x = a, *y = b;
+  if (x->off != y->off)
+    return x->off < y->off ? -1 : 1;
+  if (x->tag != y->tag)
+    return x->tag < y->tag ? -1 : 1;
+  return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* Merge a round's fixes into PLAN (sorted, one per offset): a later round
+ * saw the earlier fixes, so its decision replaces theirs. */
+static int
+fixes_merge (struct fixes *plan, struct fixes *round)
+{
+  qsort (round->v, round->n, sizeof *round->v, fix_cmp);
+  for (size_t i = 0; i < round->n; i++) {
+    if (i + 1 < round->n && round->v[i + 1].off == round->v[i].off)
+      continue;                 /* the next one is stronger or later */
+    const struct fix *f = &round->v[i];
+    size_t k = fixes_find (plan, f->off);
+    if (k < plan->n && plan->v[k].off == f->off) {
+      plan->v[k].val = f->val;
+      if (f->tag != FIX_COPIED)
+        plan->v[k].tag = f->tag;
+      continue;
+    }
+    if (plan->n == plan->cap) {
+      size_t cap = plan->cap ? plan->cap * 2 : 64;
+      struct fix *v = realloc (plan->v, cap * sizeof *v);
+      if (!v)
+        return -ENOMEM;
+      plan->v = v;
+      plan->cap = cap;
+    }
+    memmove (&plan->v[k + 1], &plan->v[k], (plan->n - k) * sizeof *plan->v);
+    plan->v[k] = *f;
+    plan->n++;
+  }
+  return 0;
+}
+
+/* Decide the misaligned entries of this round: realign into a cluster
+ * that is allocated and referred to by nothing else, else unlink (an
+ * unlink decided for the same entry this round wins anyway). */
+static void
+decide_doubts (struct walk *w)
+{
+  for (size_t i = 0; i < w->ndoubts; i++) {
+    const struct doubt *d = &w->doubts[i];
+    uint64_t mask = d->k == R_L2 ? L1_OFFSET_MASK : L2_OFFSET_MASK;
+    uint64_t aoff = d->ent & mask & ~(w->cs - 1), c = aoff >> w->cluster_bits;
+    if (c > 0 && c < w->nclusters && w->count[c] == 1 &&
+        w->stored[c] != RC_UNKNOWN && w->stored[c] >= 1) {
+      uint64_t keep = d->ent & (ENTRY_COPIED | (d->k == R_DATA ? ENTRY_ZERO : 0));
+      add_fix (w, d->src, keep | aoff, FIX_REALIGN);
+      if (d->k == R_L2)
+        w->l1_fixed = true;
+    }
+    else
+      clear_entry (w, d->src, d->k, false);
+  }
+}
+
+/* One planning round over the image open on FD with the fixes of PLAN
+ * applied.  Returns 1 if it added fixes to PLAN (walk again), 0 when the
+ * plan is complete, -errno with the reason in WHY. */
+static int
+plan_round (const char *path, int fd, struct fixes *plan, char *why,
+            size_t whylen)
+{
+  struct qcow_check_result scratch;
+  memset (&scratch, 0, sizeof scratch);
+  struct walk w = { .path = path, .fd = fd, .res = &scratch, .plan = true,
+                    .overlay = plan };
+  int r = walk_image (&w);
+  if (r < 0) {
+    snprintf (why, whylen, "%s", scratch.reason);
+    goto out;
+  }
+  decide_doubts (&w);
+  bool more = w.fx.n > 0;
+  if (!more) {
+    /* Complete: every fix must lie in a table the repaired image uses;
+     * then the COPIED flags follow the final counts. */
+    for (size_t i = 0; i < plan->n; i++) {
+      uint64_t off = plan->v[i].off, c = off >> w.cluster_bits;
+      if (!in_active_l1 (&w.h, off) &&
+          !(c < w.nclusters && (w.active_l2[c / 8] & (1u << (c % 8)))))
+        refuse (&w, "internal error: the fix at 0x%" PRIx64 " lies outside "
+                "the active tables", off);
+    }
+    if (!w.refuse)
+      copied_pass (&w);
+  }
+  else if (w.l1_fixed) {
+    /* A changed L1 entry changes which L2 tables are walked: keep only
+     * the L1 fixes and walk again. */
+    size_t k = 0;
+    for (size_t i = 0; i < w.fx.n; i++)
+      if (in_active_l1 (&w.h, w.fx.v[i].off))
+        w.fx.v[k++] = w.fx.v[i];
+    w.fx.n = k;
+  }
+  if (w.err) {
+    r = w.err;
+    snprintf (why, whylen, "%s", scratch.reason);
+  }
+  else if (w.refuse) {
+    r = -EINVAL;
+    snprintf (why, whylen, "%s", w.why);
+  }
+  else if ((r = fixes_merge (plan, &w.fx)) < 0)
+    snprintf (why, whylen, "out of memory");
+  else
+    r = more;
+ out:
+  walk_free (&w);
+  return r;
+}
+
+/* Plan every fix for the image open on FD. */
+static int
+plan_repair (const char *path, int fd, struct fixes *plan,
+             char *why, size_t whylen)
+{
+  for (int round = 0; round < MAX_ROUNDS; round++) {
+    int r = plan_round (path, fd, plan, why, whylen);
+    if (r <= 0)
+      return r;
+  }
+  snprintf (why, whylen, "the repair does not converge");
+  return -EINVAL;
+}
+
+int
+qcow_repair_file (const char *path, struct qcow_repair_result *res)
+{
+  memset (res, 0, sizeof *res);
+  int r = qcow_check_file (path, &res->before, NULL, NULL);
+  if (r < 0) {
+    snprintf (res->reason, sizeof res->reason, "cannot check the image: %.200s",
+              res->before.reason);
+    res->after = res->before;
+    return r;
+  }
+  res->after = res->before;
+  if (res->before.verdict == QCOW_CHECK_CLEAN && !res->before.marked_corrupt)
+    return 0;
+
+  struct qcow_config cfg;
+  qcow_config_default (&cfg);
+  cfg.read_only = false;
+  struct qcow *q;
+  if ((r = qcow_connect (path, &cfg, &q)) < 0) {
+    snprintf (res->reason, sizeof res->reason, "cannot repair: the image "
+              "cannot be opened for writing (%s)", strerror (-r));
+    return r;
+  }
+  int fl = fcntl (q->fd, F_GETFL);
+  if (fl == -1 || (fl & O_ACCMODE) != O_RDWR) {
+    snprintf (res->reason, sizeof res->reason, "cannot repair: the file is "
+              "read-only");
+    qcow_disconnect (q);
+    return -EROFS;
+  }
+
+  /* Plan on the locked image, then write the fixes. */
+  struct fixes plan = { 0 };
+  char why[256] = "";
+  r = plan_repair (path, q->fd, &plan, why, sizeof why);
+  if (r < 0) {
+    snprintf (res->reason, sizeof res->reason, "cannot repair: %s", why);
+    free (plan.v);
+    qcow_disconnect (q);
+    return r;
+  }
+  for (size_t i = 0; i < plan.n && r == 0; i++) {
+    const struct fix *f = &plan.v[i];
+    uint8_t be[8];
+    wr64 (be, f->val);
+    r = io_pwrite_fd (q->fd, q->filename, be, 8, f->off);
+    if (r < 0)
+      break;
+    if (in_active_l1 (&q->h, f->off))
+      q->l1[(f->off - q->h.l1_table_offset) / 8] = f->val;
+    res->repaired = true;
+    switch (f->tag) {
+    case FIX_CLEAR: res->entries_cleared++; break;
+    case FIX_REALIGN: res->entries_realigned++; break;
+    case FIX_RESERVED: res->reserved_cleared++; break;
+    case FIX_COPIED: res->copied_fixed++; break;
+    case FIX_AUX: break;
+    }
+  }
+  free (plan.v);
+  if (r == 0)
+    r = io_sync (q);
+  if (r == 0 && q->l2c.ndirty == 0)
+    cache_drop_all (&q->l2c);     /* the tables changed under it */
+  if (r == 0 && q->corrupt) {
+    r = header_set_incompat (q, q->h.incompatible_features & ~QCOW_INCOMPAT_CORRUPT);
+    if (r == 0) {
+      q->corrupt = false;
+      q->read_only = false;
+      res->corrupt_bit_cleared = true;
+      res->repaired = true;
+    }
+  }
+  if (r == 0 && res->before.verdict != QCOW_CHECK_CLEAN) {
+    res->bitmaps_dropped = res->before.bitmaps_checked;
+    r = qcow_rebuild_refcount_table (q);
+    if (r == 0) {
+      res->refcounts_rebuilt = true;
+      res->repaired = true;
+    }
+  }
+  int r2 = qcow_disconnect (q);
+  if (r == 0)
+    r = r2;
+  if (r < 0) {
+    snprintf (res->reason, sizeof res->reason, "repair failed: %s",
+              strerror (-r));
+    qcow_check_file (path, &res->after, NULL, NULL);
+    return r;
+  }
+  r = qcow_check_file (path, &res->after, NULL, NULL);
+  if (r == 0 && res->after.verdict != QCOW_CHECK_CLEAN) {
+    snprintf (res->reason, sizeof res->reason, "the image still has %" PRIu64
+              " errors and %" PRIu64 " leaks after the repair",
+              res->after.corruptions, res->after.leaks);
+    r = -EIO;
+  }
+  else if (r < 0)
+    snprintf (res->reason, sizeof res->reason, "cannot check the repaired "
+              "image: %.200s", res->after.reason);
+  return r;
+}
