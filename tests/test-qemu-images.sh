@@ -192,7 +192,8 @@ variant v3-c64k-zlib compat=1.1 yes
 variant v3-c64k-zstd compat=1.1,compression_type=zstd yes
 
 variant v3-extl2     compat=1.1,extended_l2=on
-variant v3-extl2-c2M-zstd compat=1.1,extended_l2=on,cluster_size=2M,compression_type=zstd yes
+variant v3-extl2-zstd compat=1.1,extended_l2=on,compression_type=zstd yes
+variant v3-extl2-c2M compat=1.1,extended_l2=on,cluster_size=2M
 
 [ ${#failures[@]} -eq 0 ] || die "failed variants: ${failures[*]}"
 echo OK
