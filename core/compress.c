@@ -16,29 +16,69 @@ compressed_extent (struct qcow *q, uint64_t ent, uint64_t *off, uint64_t *len)
   *len = nsect * 512 - (*off & 511);
 }
 
+/* Decompression contexts are reused per thread (creating a zstd context
+ * for every cluster costs more than decompressing it). */
+static pthread_key_t ctx_key;
+static pthread_once_t ctx_once = PTHREAD_ONCE_INIT;
+struct dctx {
+  z_stream z;
+  bool z_ready;
+  ZSTD_DCtx *zstd;
+};
+
+static void
+dctx_free (void *p)
+{
+  struct dctx *c = p;
+  if (c->z_ready)
+    inflateEnd (&c->z);
+  ZSTD_freeDCtx (c->zstd);
+  free (c);
+}
+
+static void ctx_key_init (void) { pthread_key_create (&ctx_key, dctx_free); }
+
+static struct dctx *
+dctx_get (void)
+{
+  pthread_once (&ctx_once, ctx_key_init);
+  struct dctx *c = pthread_getspecific (ctx_key);
+  if (!c && (c = calloc (1, sizeof *c)) != NULL)
+    pthread_setspecific (ctx_key, c);
+  return c;
+}
+
 static int
 inflate_zlib (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 {
-  z_stream s;
-  memset (&s, 0, sizeof s);
-  if (inflateInit2 (&s, -12) != Z_OK)
+  struct dctx *c = dctx_get ();
+  if (!c)
     return -1;
-  s.next_in = (Bytef *) in;
-  s.avail_in = inlen;
-  s.next_out = out;
-  s.avail_out = outlen;
-  int r = inflate (&s, Z_FINISH);
-  bool ok = (r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) && s.avail_out == 0;
-  inflateEnd (&s);
-  return ok ? 0 : -1;
+  z_stream *zs = &c->z;
+  if (!c->z_ready) {
+    memset (zs, 0, sizeof *zs);
+    if (inflateInit2 (zs, -12) != Z_OK)
+      return -1;
+    c->z_ready = true;
+  }
+  else if (inflateReset (zs) != Z_OK)
+    return -1;
+  zs->next_in = (Bytef *) in;
+  zs->avail_in = inlen;
+  zs->next_out = out;
+  zs->avail_out = outlen;
+  int r = inflate (zs, Z_FINISH);
+  return (r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) && zs->avail_out == 0 ? 0 : -1;
 }
 
 static int
 inflate_zstd (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 {
-  ZSTD_DCtx *d = ZSTD_createDCtx ();
-  if (!d)
+  struct dctx *c = dctx_get ();
+  if (!c || (!c->zstd && !(c->zstd = ZSTD_createDCtx ())))
     return -1;
+  ZSTD_DCtx *d = c->zstd;
+  ZSTD_DCtx_reset (d, ZSTD_reset_session_only);
   ZSTD_inBuffer ib = { in, inlen, 0 };
   ZSTD_outBuffer ob = { out, outlen, 0 };
   int ret = -1;
@@ -55,7 +95,6 @@ inflate_zstd (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
     if (r == 0 || ib.pos == ib.size)
       break;                      /* frame ended short, or input exhausted */
   }
-  ZSTD_freeDCtx (d);
   return ret;
 }
 
