@@ -114,7 +114,7 @@ if [ "$SANITIZE" = 1 ] || [ "$QCOW_VALGRIND" = 1 ]; then
         # libp11-kit (pulled in by nbdkit's gnutls) must come after
         # libasan: otherwise ASan starts inside p11-kit's constructor and
         # nbdkit hangs in exit() after printing a strerror() message.
-        _qcow_p11=$(ldconfig -p | awk '/libp11-kit\.so\.0 / { print $NF; exit }')
+        _qcow_p11=$(ldconfig -p | awk '/libp11-kit\.so\.0 / && !x { print $NF; x = 1 }')
         _qcow_preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so) $_qcow_p11"
         _qcow_prefix=""
     else
