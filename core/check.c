@@ -110,12 +110,14 @@ is_fixed (enum ref k)
   return k != R_L2 && k != R_DATA && k != R_COMPRESSED;
 }
 
-/* Replaced or dropped by the repair, so never worth fixing anything for. */
+/* Replaced or dropped by the repair, so never worth fixing anything for
+ * (the refcount table itself is not: it is anchored in the header, and
+ * the core refuses tables that overlap it). */
 static bool
 is_loser (enum ref k)
 {
-  return k == R_RCT || k == R_REFBLOCK || k == R_BITMAP_DIR ||
-    k == R_BITMAP_TABLE || k == R_BITMAP_DATA;
+  return k == R_REFBLOCK || k == R_BITMAP_DIR || k == R_BITMAP_TABLE ||
+    k == R_BITMAP_DATA;
 }
 
 static bool
@@ -334,6 +336,14 @@ in_active_l1 (const struct qcow_header *h, uint64_t off)
     off < h->l1_table_offset + (uint64_t) h->l1_size * 8;
 }
 
+static bool
+in_rct (const struct qcow_header *h, uint64_t off)
+{
+  return off >= h->refcount_table_offset &&
+    off < h->refcount_table_offset +
+    ((uint64_t) h->refcount_table_clusters << h->cluster_bits);
+}
+
 /* Unlink the entry at SRC that refers to a K. */
 static void
 clear_entry (struct walk *w, uint64_t src, enum ref k, bool snap)
@@ -386,8 +396,8 @@ resolve (struct walk *w, uint64_t o1, uint64_t o2, uint64_t cluster)
   else if (is_datalike (k2) || k2 == R_L2)
     clear_entry (w, OWN_SRC (o2), k2, OWN_SNAP (o2));
   else
-    refuse (w, "the %s and the %s overlap at host cluster %" PRIu64,
-            ref_name[k1], ref_name[k2], cluster);
+    refuse (w, "host cluster %" PRIu64 " is both %s and %s", cluster,
+            ref_name[k1], ref_name[k2]);
 }
 
 /* ---- counting ---- */
@@ -569,6 +579,28 @@ walk_l2 (struct walk *w, uint64_t l2off, bool active)
   }
 }
 
+/* An L2 table is walked once per reference (each one counts the
+ * clusters below it), but no image made by a sane writer refers to one
+ * table more often than from the active L1 table and every snapshot's
+ * (twice from one table after a repair of duplicates): beyond that the
+ * work is bounded and the image reported. */
+static bool
+walk_again (struct walk *w, uint64_t c, uint64_t src)
+{
+  uint64_t limit = 2 + (uint64_t) w->h.nb_snapshots;
+  if (w->count[c] <= limit)
+    return true;
+  if (w->count[c] == limit + 1) {
+    PROBLEM (w, QCOW_PROBLEM_INVALID, "L2 table", src, c << w->cluster_bits,
+             "ERROR L2 table at 0x%" PRIx64 " is referenced more than %"
+             PRIu64 " times; not followed any more", c << w->cluster_bits,
+             limit);
+    if (w->plan)
+      refuse (w, "an L2 table is referenced too many times");
+  }
+  return false;
+}
+
 static void
 walk_l1 (struct walk *w, uint64_t l1off, uint32_t l1_size, bool active)
 {
@@ -626,6 +658,8 @@ walk_l1 (struct walk *w, uint64_t l1off, uint32_t l1_size, bool active)
         w->active_l2[(aoff >> w->cluster_bits) / 8] |=
           1u << ((aoff >> w->cluster_bits) % 8);
     }
+    if (!walk_again (w, aoff >> w->cluster_bits, src))
+      continue;
     walk_l2 (w, aoff, active);
   }
  out:
@@ -650,21 +684,24 @@ refblock_entry (unsigned order, const uint8_t *d, uint64_t i)
   }
 }
 
-/* Read the refcount table and blocks into w->stored; count their
- * clusters unless planning (the repair replaces them). */
+/* Read the refcount table and blocks into w->stored and count their
+ * clusters.  Planning counts only the table (the rebuild replaces the
+ * blocks), and unlinks the blocks that qcow_connect would refuse:
+ * misaligned, outside the file, in the header, the L1 or refcount table. */
 static void
 walk_refcounts (struct walk *w)
 {
   const uint64_t cs = w->cs, rct_off = w->h.refcount_table_offset;
   const uint64_t per_block = 1ULL << w->rb_bits;
   uint64_t *rct = malloc (w->rct_entries * 8);
-  if (!rct) {
+  uint8_t *seen = calloc (w->nclusters / 8 + 1, 1);
+  if (!rct || !seen) {
+    free (seen);
     w->err = -ENOMEM;
     fail (w->res, "out of memory for the refcount table");
     return;
   }
-  if (!w->plan)
-    ref_range (w, rct_off, w->rct_entries * 8, R_RCT, 48, true);
+  ref_range (w, rct_off, w->rct_entries * 8, R_RCT, 48, true);
   if (rd (w, rct, w->rct_entries * 8, rct_off) < 0)
     goto out;
   for (uint64_t i = 0; i < w->rct_entries && !w->err; i++) {
@@ -685,12 +722,21 @@ walk_refcounts (struct walk *w)
                "the file", i, e);
       bad = true;
     }
-    else if (!w->plan) {
+    else {
+      /* A block seen before (or overlapping anything else) is not read:
+       * its content is not that block's refcounts. */
       uint64_t c = e >> w->cluster_bits;
-      bool seen = w->count[c] > 0;
-      add_ref (w, c, R_REFBLOCK, src, true);
-      bad = seen;               /* overlapping: its content is not a block */
+      bad = w->count[c] > 0 || (seen[c / 8] & (1u << (c % 8)));
+      seen[c / 8] |= 1u << (c % 8);
+      if (!w->plan)
+        add_ref (w, c, R_REFBLOCK, src, true);
+      else if (c == 0 || in_rct (&w->h, e) || in_active_l1 (&w->h, e) ||
+               (w->h.l1_size && e < w->h.l1_table_offset &&
+                e + cs > w->h.l1_table_offset))
+        add_fix (w, src, 0, FIX_CLEAR);
     }
+    if (bad && w->plan && (e & (cs - 1) || e >> w->cluster_bits >= w->nclusters))
+      add_fix (w, src, 0, FIX_CLEAR);
     if (first >= w->nclusters)
       continue;                 /* describes clusters past the end only */
     if (!bad && rd (w, w->buf, cs, e) < 0)
@@ -702,6 +748,7 @@ walk_refcounts (struct walk *w)
     }
   }
  out:
+  free (seen);
   free (rct);
 }
 
@@ -779,6 +826,8 @@ copied_pass (struct walk *w)
       if (w->plan)
         add_fix (w, src, e ^ ENTRY_COPIED, FIX_COPIED);
     }
+    if (w->count[c] > 2 + (uint64_t) w->h.nb_snapshots)
+      continue;                 /* reported by the walk */
     if (rd (w, w->buf, cs, off) < 0)
       break;
     for (uint64_t j = 0; j < w->l2_entries; j++) {
@@ -823,14 +872,11 @@ walk_snapshots (struct walk *w)
   const uint64_t cs = w->cs;
   if (h->nb_snapshots == 0)
     return;
-  if (h->nb_snapshots > MAX_SNAPSHOTS || h->snapshots_offset % cs ||
-      h->snapshots_offset >= w->file_size) {
-    PROBLEM (w, QCOW_PROBLEM_INVALID, "snapshot table", 64, h->snapshots_offset,
-             "ERROR snapshot table (%" PRIu32 " snapshots at 0x%" PRIx64
-             ") is %s", h->nb_snapshots, h->snapshots_offset,
-             h->nb_snapshots > MAX_SNAPSHOTS ? "too large"
-             : h->snapshots_offset % cs ? "not cluster aligned"
-             : "outside the file");
+  if (h->snapshots_offset >= w->file_size) {
+    PROBLEM (w, QCOW_PROBLEM_OUTSIDE_FILE, "snapshot table", 64,
+             h->snapshots_offset, "ERROR snapshot table (%" PRIu32
+             " snapshots at 0x%" PRIx64 ") is outside the file",
+             h->nb_snapshots, h->snapshots_offset);
     if (w->plan)
       refuse (w, "the snapshot table is damaged");
     return;
@@ -852,12 +898,11 @@ walk_snapshots (struct walk *w)
     uint64_t len = off + 40 <= avail
       ? 40 + extra + rd16 (t + off + 12) + rd16 (t + off + 14) : 0;
     if (off + 40 > avail || extra > MAX_SNAPSHOT_EXTRA || off + len > avail) {
-      PROBLEM (w, QCOW_PROBLEM_INVALID, "snapshot table", h->snapshots_offset + off,
-               h->snapshots_offset, "ERROR snapshot table entry %" PRIu32
-               " at 0x%" PRIx64 " is truncated or malformed", i,
-               h->snapshots_offset + off);
-      if (w->plan)
-        refuse (w, "the snapshot table is damaged");
+      /* Without the table the snapshots' clusters cannot be counted
+       * (QEMU gives up here too). */
+      w->err = -EINVAL;
+      fail (w->res, "snapshot table entry %" PRIu32 " at 0x%" PRIx64
+            " is truncated or malformed", i, h->snapshots_offset + off);
       goto out;
     }
     off += (len + 7) & ~7ULL;
@@ -884,7 +929,9 @@ walk_snapshots (struct walk *w)
       continue;
     }
     w->snap = true;
-    if (ref_range (w, l1off, (uint64_t) l1_size * 8, R_SNAP_L1, src, true) >= 0)
+    /* One that overlaps something else is not followed: its entries are
+     * counted already, or are not entries. */
+    if (ref_range (w, l1off, (uint64_t) l1_size * 8, R_SNAP_L1, src, true) > 0)
       walk_l1 (w, l1off, l1_size, false);
     w->snap = false;
   }
@@ -908,7 +955,7 @@ walk_bitmaps (struct walk *w)
              "%s", doff, dsize, doff % cs ? "not cluster aligned" : "too large");
     return;
   }
-  if (ref_range (w, doff, dsize, R_BITMAP_DIR, w->bm_ext + 16, true) < 0)
+  if (ref_range (w, doff, dsize, R_BITMAP_DIR, w->bm_ext + 16, true) <= 0)
     return;
   uint8_t *d = malloc (dsize ? dsize : 1);
   uint64_t *tab = NULL;
@@ -938,8 +985,8 @@ walk_bitmaps (struct walk *w)
                toff % cs ? "not cluster aligned" : "too large");
       continue;
     }
-    if (ref_range (w, toff, (uint64_t) tsize * 8, R_BITMAP_TABLE, src, true) < 0)
-      continue;
+    if (ref_range (w, toff, (uint64_t) tsize * 8, R_BITMAP_TABLE, src, true) <= 0)
+      continue;                 /* outside, or overlapping: not followed */
     free (tab);
     if (!(tab = malloc ((uint64_t) (tsize ? tsize : 1) * 8))) {
       w->err = -ENOMEM;
@@ -1026,6 +1073,7 @@ parse_header (struct walk *w)
     goto out;
   }
   uint64_t backing_off = rd64 (buf + 8);
+  uint32_t backing_len = rd32 (buf + 16);
   h->size = rd64 (buf + 24);
   h->crypt_method = rd32 (buf + 32);
   h->l1_size = rd32 (buf + 36);
@@ -1057,18 +1105,18 @@ parse_header (struct walk *w)
 
   /* Extensions, inside the header cluster. */
   bool data_file_ext = false, crypt_ext = false;
-  uint64_t end = cs < w->file_size ? cs : w->file_size;
+  uint64_t end = cs;             /* zero padded past the end of the file */
   if (backing_off && backing_off < end)
     end = backing_off;
   for (uint64_t off = h->header_length; off + 8 <= end;) {
     uint32_t type = rd32 (buf + off), len = rd32 (buf + off + 4);
-    if (type == EXT_END)
-      break;
-    if (len > end - off - 8) {
+    if (len > end - off - 8) {  /* even the end marker's, as QEMU */
       fail (res, "header extension 0x%08" PRIx32 " at offset %" PRIu64
             " runs past the end of the header cluster", type, off);
       goto out;
     }
+    if (type == EXT_END)
+      break;
     if (type == EXT_DATA_FILE)
       data_file_ext = true;
     else if (type == EXT_ENCRYPTION)
@@ -1107,6 +1155,23 @@ parse_header (struct walk *w)
           h->compression_type);
     goto out;
   }
+  /* What QEMU refuses too (so both say "could not check"). */
+  if ((h->autoclear_features & 2) && !w->data_file) {
+    fail (res, "raw external data bit set without an external data file");
+    goto out;
+  }
+  if (backing_off > cs || (backing_off && (backing_len > 1023 ||
+                                          backing_len > cs - backing_off))) {
+    fail (res, "backing file name (offset %" PRIu64 ", length %" PRIu32
+          ") is invalid", backing_off, backing_len);
+    goto out;
+  }
+  if (h->nb_snapshots > MAX_SNAPSHOTS || h->snapshots_offset % cs ||
+      h->snapshots_offset > INT64_MAX - MAX_SNAPSHOT_TABLE) {
+    fail (res, "snapshot table (%" PRIu32 " snapshots at offset 0x%" PRIx64
+          ") is invalid", h->nb_snapshots, h->snapshots_offset);
+    goto out;
+  }
   res->marked_corrupt = incompat & QCOW_INCOMPAT_CORRUPT;
   res->dirty = incompat & QCOW_INCOMPAT_DIRTY;
 
@@ -1125,31 +1190,27 @@ parse_header (struct walk *w)
   }
   res->total_clusters = div_round_up (h->size, cs);
   uint64_t l1_needed = div_round_up (h->size, cs * w->l2_entries);
-  uint64_t l1_bytes = (uint64_t) h->l1_size * 8;
   if (h->l1_size > QCOW_MAX_L1_BYTES / 8 || h->l1_size < l1_needed) {
     fail (res, "L1 table size %" PRIu32 " is invalid (the virtual "
           "size needs %" PRIu64 ")", h->l1_size, l1_needed);
     goto out;
   }
+  /* (Tables past the end of a truncated file read as zeros, as in QEMU:
+   * the walk reports them outside the file.) */
   if (h->l1_size && (h->l1_table_offset % cs ||
-                     h->l1_table_offset > w->file_size ||
-                     l1_bytes > w->file_size - h->l1_table_offset)) {
-    fail (res, "L1 table (offset 0x%" PRIx64 ") is %s",
-          h->l1_table_offset, h->l1_table_offset % cs
-          ? "not cluster aligned" : "outside the file");
+                     h->l1_table_offset > INT64_MAX - (uint64_t) h->l1_size * 8)) {
+    fail (res, "L1 table offset 0x%" PRIx64 " is invalid", h->l1_table_offset);
     goto out;
   }
   uint64_t rct_bytes = (uint64_t) h->refcount_table_clusters << h->cluster_bits;
   if (h->refcount_table_clusters == 0 || rct_bytes > QCOW_MAX_RCT_BYTES ||
-      h->refcount_table_offset % cs || h->refcount_table_offset > w->file_size ||
-      rct_bytes > w->file_size - h->refcount_table_offset) {
+      h->refcount_table_offset % cs ||
+      h->refcount_table_offset > INT64_MAX - rct_bytes) {
     fail (res, "refcount table (offset 0x%" PRIx64 ", %" PRIu32
           " clusters) is %s", h->refcount_table_offset,
           h->refcount_table_clusters,
           h->refcount_table_clusters == 0 ? "empty"
-          : rct_bytes > QCOW_MAX_RCT_BYTES ? "too large"
-          : h->refcount_table_offset % cs ? "not cluster aligned"
-          : "outside the file");
+          : rct_bytes > QCOW_MAX_RCT_BYTES ? "too large" : "invalid");
     goto out;
   }
   w->rct_entries = rct_bytes / 8;
@@ -1267,7 +1328,8 @@ fix_cmp (const void *a, const void *b)
 static int
 fixes_merge (struct fixes *plan, struct fixes *round)
 {
-  qsort (round->v, round->n, sizeof *round->v, fix_cmp);
+  if (round->n)
+    qsort (round->v, round->n, sizeof *round->v, fix_cmp);
   for (size_t i = 0; i < round->n; i++) {
     if (i + 1 < round->n && round->v[i + 1].off == round->v[i].off)
       continue;                 /* the next one is stronger or later */
@@ -1339,7 +1401,7 @@ plan_round (const char *path, int fd, struct fixes *plan, char *why,
      * then the COPIED flags follow the final counts. */
     for (size_t i = 0; i < plan->n; i++) {
       uint64_t off = plan->v[i].off, c = off >> w.cluster_bits;
-      if (!in_active_l1 (&w.h, off) &&
+      if (!in_active_l1 (&w.h, off) && !in_rct (&w.h, off) &&
           !(c < w.nclusters && (w.active_l2[c / 8] & (1u << (c % 8)))))
         refuse (&w, "internal error: the fix at 0x%" PRIx64 " lies outside "
                 "the active tables", off);
@@ -1349,10 +1411,10 @@ plan_round (const char *path, int fd, struct fixes *plan, char *why,
   }
   else if (w.l1_fixed) {
     /* A changed L1 entry changes which L2 tables are walked: keep only
-     * the L1 fixes and walk again. */
+     * the L1 and refcount table fixes, and walk again. */
     size_t k = 0;
     for (size_t i = 0; i < w.fx.n; i++)
-      if (in_active_l1 (&w.h, w.fx.v[i].off))
+      if (in_active_l1 (&w.h, w.fx.v[i].off) || in_rct (&w.h, w.fx.v[i].off))
         w.fx.v[k++] = w.fx.v[i];
     w.fx.n = k;
   }
@@ -1387,59 +1449,112 @@ plan_repair (const char *path, int fd, struct fixes *plan,
   return -EINVAL;
 }
 
+/* Write each fix's value (or, with UNDO, its saved original). */
+static int
+write_fixes (int fd, const struct fixes *plan, const uint64_t *orig, bool undo)
+{
+  for (size_t i = 0; i < plan->n; i++) {
+    uint8_t be[8];
+    wr64 (be, undo ? orig[i] : plan->v[i].val);
+    if (pwrite (fd, be, 8, (off_t) plan->v[i].off) != 8)
+      return errno ? -errno : -EIO;
+  }
+  return fdatasync (fd) == -1 ? -errno : 0;
+}
+
+/* Open PATH read-write and lock it as QEMU's writers do. */
+static int
+open_locked (const char *path, char *why, size_t whylen)
+{
+  int fd = open (path, O_RDWR | O_CLOEXEC);
+  if (fd == -1) {
+    int e = errno;
+    snprintf (why, whylen, "%s", strerror (e));
+    return -e;
+  }
+  int r = qcow_lock_image (fd, NULL, true, why, whylen);
+  if (r < 0) {
+    close (fd);
+    return r;
+  }
+  return fd;
+}
+
+/* Put the saved entries back (the repair could not be completed). */
+static void
+rollback (const char *path, const struct fixes *plan, const uint64_t *orig,
+          struct qcow_repair_result *res)
+{
+  char why[256];
+  int fd = open_locked (path, why, sizeof why);
+  int r = fd < 0 ? fd : write_fixes (fd, plan, orig, true);
+  if (fd >= 0)
+    close (fd);
+  if (r == 0)
+    res->repaired = false;
+  else
+    snprintf (res->reason + strlen (res->reason),
+              sizeof res->reason - strlen (res->reason),
+              "; restoring the damaged entries failed too: %s", strerror (-r));
+}
+
 int
 qcow_repair_file (const char *path, struct qcow_repair_result *res)
 {
   memset (res, 0, sizeof *res);
   int r = qcow_check_file (path, &res->before, NULL, NULL);
+  res->after = res->before;
   if (r < 0) {
     snprintf (res->reason, sizeof res->reason, "cannot check the image: %.200s",
               res->before.reason);
-    res->after = res->before;
     return r;
   }
-  res->after = res->before;
   if (res->before.verdict == QCOW_CHECK_CLEAN && !res->before.marked_corrupt)
     return 0;
 
-  struct qcow_config cfg;
-  qcow_config_default (&cfg);
-  cfg.read_only = false;
-  struct qcow *q;
-  if ((r = qcow_connect (path, &cfg, &q)) < 0) {
-    snprintf (res->reason, sizeof res->reason, "cannot repair: the image "
-              "cannot be opened for writing (%s)", strerror (-r));
-    return r;
-  }
-  int fl = fcntl (q->fd, F_GETFL);
-  if (fl == -1 || (fl & O_ACCMODE) != O_RDWR) {
-    snprintf (res->reason, sizeof res->reason, "cannot repair: the file is "
-              "read-only");
-    qcow_disconnect (q);
-    return -EROFS;
-  }
-
-  /* Plan on the locked image, then write the fixes. */
-  struct fixes plan = { 0 };
+  /* Plan under a writer's lock, and write the entry fixes (and the
+   * cleared corrupt bit) with their original values saved. */
   char why[256] = "";
-  r = plan_repair (path, q->fd, &plan, why, sizeof why);
-  if (r < 0) {
-    snprintf (res->reason, sizeof res->reason, "cannot repair: %s", why);
-    free (plan.v);
-    qcow_disconnect (q);
-    return r;
+  struct fixes plan = { 0 };
+  uint64_t *orig = NULL;
+  int fd = open_locked (path, why, sizeof why);
+  if (fd < 0) {
+    r = fd;
+    goto refused;
   }
-  for (size_t i = 0; i < plan.n && r == 0; i++) {
-    const struct fix *f = &plan.v[i];
-    uint8_t be[8];
-    wr64 (be, f->val);
-    r = io_pwrite_fd (q->fd, q->filename, be, 8, f->off);
-    if (r < 0)
-      break;
-    if (in_active_l1 (&q->h, f->off))
-      q->l1[(f->off - q->h.l1_table_offset) / 8] = f->val;
-    res->repaired = true;
-    switch (f->tag) {
+  if ((r = plan_repair (path, fd, &plan, why, sizeof why)) < 0)
+    goto refused;
+  uint64_t incompat;
+  uint8_t be[8];
+  if (pread (fd, be, 8, 72) != 8) {
+    r = -EIO;
+    snprintf (why, sizeof why, "cannot read the header");
+    goto refused;
+  }
+  incompat = rd64 (be);
+  if (res->before.marked_corrupt) {
+    struct fixes hdr = { &(struct fix) { 72, incompat & ~QCOW_INCOMPAT_CORRUPT,
+                                         FIX_AUX, 0 }, 1, 1 };
+    if ((r = fixes_merge (&plan, &hdr)) < 0) {
+      snprintf (why, sizeof why, "out of memory");
+      goto refused;
+    }
+    res->corrupt_bit_cleared = true;
+  }
+  if (!(orig = malloc ((plan.n ? plan.n : 1) * sizeof *orig))) {
+    r = -ENOMEM;
+    snprintf (why, sizeof why, "out of memory");
+    goto refused;
+  }
+  for (size_t i = 0; i < plan.n; i++) {
+    if (pread (fd, be, 8, (off_t) plan.v[i].off) != 8) {
+      r = -EIO;
+      snprintf (why, sizeof why, "cannot read the entry at 0x%" PRIx64,
+                plan.v[i].off);
+      goto refused;
+    }
+    orig[i] = rd64 (be);
+    switch (plan.v[i].tag) {
     case FIX_CLEAR: res->entries_cleared++; break;
     case FIX_REALIGN: res->entries_realigned++; break;
     case FIX_RESERVED: res->reserved_cleared++; break;
@@ -1447,46 +1562,79 @@ qcow_repair_file (const char *path, struct qcow_repair_result *res)
     case FIX_AUX: break;
     }
   }
-  free (plan.v);
-  if (r == 0)
-    r = io_sync (q);
-  if (r == 0 && q->l2c.ndirty == 0)
-    cache_drop_all (&q->l2c);     /* the tables changed under it */
-  if (r == 0 && q->corrupt) {
-    r = header_set_incompat (q, q->h.incompatible_features & ~QCOW_INCOMPAT_CORRUPT);
-    if (r == 0) {
-      q->corrupt = false;
-      q->read_only = false;
-      res->corrupt_bit_cleared = true;
-      res->repaired = true;
+  if (plan.n) {
+    res->repaired = true;
+    if ((r = write_fixes (fd, &plan, orig, false)) < 0) {
+      snprintf (res->reason, sizeof res->reason, "writing the fixes failed: %s",
+                strerror (-r));
+      close (fd);
+      fd = -1;
+      rollback (path, &plan, orig, res);
+      goto out;
     }
   }
-  if (r == 0 && res->before.verdict != QCOW_CHECK_CLEAN) {
+  close (fd);
+  fd = -1;
+
+  /* Recount the refcounts from the fixed tables. */
+  if (res->before.verdict != QCOW_CHECK_CLEAN) {
+    struct qcow_config cfg;
+    struct qcow *q;
+    qcow_config_default (&cfg);
+    cfg.read_only = false;
     res->bitmaps_dropped = res->before.bitmaps_checked;
+    if ((r = qcow_connect (path, &cfg, &q)) < 0) {
+      snprintf (res->reason, sizeof res->reason, "cannot repair: the image "
+                "cannot be opened for writing (%s)", strerror (-r));
+      rollback (path, &plan, orig, res);
+      goto out;
+    }
+    struct qcow_header h0;
+    qcow_get_header (q, &h0);
     r = qcow_rebuild_refcount_table (q);
-    if (r == 0) {
+    struct qcow_header h1;
+    qcow_get_header (q, &h1);
+    int r2 = qcow_disconnect (q);
+    if (r == 0)
+      r = r2;
+    if (h1.refcount_table_offset != h0.refcount_table_offset) {
       res->refcounts_rebuilt = true;
       res->repaired = true;
     }
+    if (r < 0) {
+      snprintf (res->reason, sizeof res->reason, "rebuilding the refcounts "
+                "failed: %s", strerror (-r));
+      if (!res->refcounts_rebuilt)
+        rollback (path, &plan, orig, res);
+      goto out;
+    }
   }
-  int r2 = qcow_disconnect (q);
-  if (r == 0)
-    r = r2;
-  if (r < 0) {
-    snprintf (res->reason, sizeof res->reason, "repair failed: %s",
-              strerror (-r));
-    qcow_check_file (path, &res->after, NULL, NULL);
-    return r;
-  }
+
   r = qcow_check_file (path, &res->after, NULL, NULL);
   if (r == 0 && res->after.verdict != QCOW_CHECK_CLEAN) {
     snprintf (res->reason, sizeof res->reason, "the image still has %" PRIu64
-              " errors and %" PRIu64 " leaks after the repair",
+              " errors and %" PRIu64 " leaked clusters after the repair",
               res->after.corruptions, res->after.leaks);
     r = -EIO;
   }
   else if (r < 0)
     snprintf (res->reason, sizeof res->reason, "cannot check the repaired "
               "image: %.200s", res->after.reason);
+  free (plan.v);
+  free (orig);
   return r;
+
+ refused:
+  snprintf (res->reason, sizeof res->reason, "cannot repair: %.230s", why);
+  if (fd >= 0)
+    close (fd);
+  res->entries_cleared = res->entries_realigned = 0;
+  res->reserved_cleared = res->copied_fixed = 0;
+  res->corrupt_bit_cleared = false;
+ out:
+  free (plan.v);
+  free (orig);
+  if (res->repaired)
+    qcow_check_file (path, &res->after, NULL, NULL);
+  return r < 0 ? r : -EIO;
 }

@@ -25,23 +25,28 @@ static const char *const perm_name[PERM_COUNT] = {
 #define PERM_BASE 100           /* RAW_LOCK_PERM_BASE */
 #define SHARED_BASE 200         /* RAW_LOCK_SHARED_BASE */
 
-/* What a user holds: its permissions and the ones it does not share. */
+/* A state: the permissions held and the ones not shared. */
 struct perms {
   unsigned held, unshared;
 };
 
-/* qcow2 on a file, as QEMU 7.2 sets it up (checked with /proc/locks
- * against qemu-io, qemu-io -r and qemu-nbd): the format driver needs
+/* qcow2 on a file, as QEMU 7.2 sets it up: the format driver needs
  * consistent read, plus write and resize when writable (it grows the
  * file), shares write-unchanged, and never shares write or resize (two
- * writers of one qcow2 image would corrupt its metadata). */
-static const struct perms none = { 0, 0 };
-static const struct perms reader = {
-  PERM_CONSISTENT_READ, PERM_WRITE | PERM_RESIZE
+ * writers of one qcow2 image would corrupt its metadata).  An external
+ * data file holds the same permissions but unshares resize only. */
+static const struct perms state_perms[] = {
+  [QCOW_LOCK_NONE] = { 0, 0 },
+  [QCOW_LOCK_READ] = {
+    PERM_CONSISTENT_READ, PERM_WRITE | PERM_RESIZE },
+  [QCOW_LOCK_WRITE] = {
+    PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, PERM_WRITE | PERM_RESIZE },
+  [QCOW_LOCK_DATA_READ] = {
+    PERM_CONSISTENT_READ, PERM_RESIZE },
+  [QCOW_LOCK_DATA_WRITE] = {
+    PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, PERM_RESIZE },
 };
-static const struct perms writer = {
-  PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, PERM_WRITE | PERM_RESIZE
-};
+#define NR_STATES (sizeof state_perms / sizeof state_perms[0])
 
 static void __attribute__ ((format (printf, 4, 5)))
 message (char *errbuf, size_t errlen, const char *filename, const char *fmt, ...)
@@ -144,13 +149,17 @@ check_conflicts (int fd, const struct perms *p, const char *filename,
   return 0;
 }
 
-/* Move FD's locks from state FROM to state TO: lock the union, check TO
- * against the others, then drop what TO does not need; on failure go
- * back to FROM (QEMU's prepare / commit / abort). */
-static int
-change (int fd, const struct perms *from, const struct perms *to,
-        const char *filename, char *errbuf, size_t errlen)
+int
+qcow_lock_change (int fd, const char *filename,
+                  enum qcow_lock from_state, enum qcow_lock to_state,
+                  char *errbuf, size_t errlen)
 {
+  if ((unsigned) from_state >= NR_STATES || (unsigned) to_state >= NR_STATES) {
+    message (errbuf, errlen, filename, "invalid lock state");
+    return -EINVAL;
+  }
+  const struct perms *from = &state_perms[from_state];
+  const struct perms *to = &state_perms[to_state];
   struct perms both = {
     from->held | to->held, from->unshared | to->unshared
   };
@@ -183,18 +192,21 @@ int
 qcow_lock_image (int fd, const char *filename, bool write,
                  char *errbuf, size_t errlen)
 {
-  return change (fd, &none, write ? &writer : &reader,
-                 filename, errbuf, errlen);
+  return qcow_lock_change (fd, filename, QCOW_LOCK_NONE,
+                           write ? QCOW_LOCK_WRITE : QCOW_LOCK_READ,
+                           errbuf, errlen);
 }
 
 int
 qcow_lock_upgrade (int fd, const char *filename, char *errbuf, size_t errlen)
 {
-  return change (fd, &reader, &writer, filename, errbuf, errlen);
+  return qcow_lock_change (fd, filename, QCOW_LOCK_READ, QCOW_LOCK_WRITE,
+                           errbuf, errlen);
 }
 
 void
 qcow_unlock_image (int fd)
 {
-  unlock_bytes (fd, &writer, &none);
+  static const struct perms all = { (1u << PERM_COUNT) - 1, (1u << PERM_COUNT) - 1 };
+  unlock_bytes (fd, &all, &state_perms[QCOW_LOCK_NONE]);
 }

@@ -598,6 +598,8 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
       r = io_dpread (q, p, len, m.host + in);
     else if (m.kind == C_SUBCL)
       r = sc_read (q, p, len, offset, &m);
+    else if (m.kind == C_COMPRESSED && len == cs)
+      r = compressed_read (q, m.host, p);   /* straight into the buffer */
     else if (m.kind == C_COMPRESSED) {
       uint8_t *c = malloc (cs);
       r = c ? compressed_read (q, m.host, c) : -ENOMEM;

@@ -1,8 +1,10 @@
-/* qcow-tool - inspect, create and resize qcow2 images.
+/* qcow-tool - inspect, create, resize, check and repair qcow2 images.
  *
- * Uses only the public core API (core/qcow.h).  Each subcommand is one
- * function in the dispatch table at the bottom; every error is a single
- * line "qcow-tool: FILE: problem" on stderr and exit status 1.
+ * Uses only the public core API (core/qcow.h, core/check.h).  Each
+ * subcommand is one function in the dispatch table at the bottom; every
+ * error is a single line "qcow-tool: FILE: problem" on stderr and exit
+ * status 1.  check and repair exit as qemu-img check does: 0 clean,
+ * 2 corrupt, 3 leaked clusters only, 1 could not check.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -17,6 +19,7 @@
 #include <unistd.h>
 
 #include "qcow.h"
+#include "check.h"
 
 #define PROG "qcow-tool"
 
@@ -733,16 +736,282 @@ cmd_map (int argc, char **argv)
   return r < 0;
 }
 
+/* ---- check and repair ---- */
+
+/* Problems kept for --json (the human output prints them as they come). */
+#define MAX_JSON_PROBLEMS 10000
+struct problem_list {
+  struct qcow_check_problem *v;
+  size_t n, cap;
+  bool truncated;
+};
+
+static char *
+xstrdup_or_null (const char *s)
+{
+  return s ? strdup (s) : NULL;
+}
+
+static void
+print_problem (const struct qcow_check_problem *p, void *opaque)
+{
+  (void) opaque;
+  printf ("%s\n", p->message);
+}
+
+static void
+collect_problem (const struct qcow_check_problem *p, void *opaque)
+{
+  struct problem_list *l = opaque;
+  if (l->n == MAX_JSON_PROBLEMS) {
+    l->truncated = true;
+    return;
+  }
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 64;
+    struct qcow_check_problem *v = realloc (l->v, cap * sizeof *v);
+    if (!v) {
+      l->truncated = true;
+      return;
+    }
+    l->v = v;
+    l->cap = cap;
+  }
+  struct qcow_check_problem *c = &l->v[l->n++];
+  *c = *p;                      /* the strings are only valid in the call */
+  c->what = xstrdup_or_null (p->what);
+  c->what2 = xstrdup_or_null (p->what2);
+  c->message = xstrdup_or_null (p->message);
+}
+
+static void
+free_problems (struct problem_list *l)
+{
+  for (size_t i = 0; i < l->n; i++) {
+    free ((char *) l->v[i].what);
+    free ((char *) l->v[i].what2);
+    free ((char *) l->v[i].message);
+  }
+  free (l->v);
+}
+
+static const char *
+verdict_name (enum qcow_check_verdict v)
+{
+  switch (v) {
+  case QCOW_CHECK_CLEAN: return "clean";
+  case QCOW_CHECK_LEAKS: return "leaks";
+  case QCOW_CHECK_CORRUPT: return "corrupt";
+  default: return "failed";
+  }
+}
+
+static double
+percent (uint64_t part, uint64_t whole)
+{
+  return whole ? 100.0 * (double) part / (double) whole : 0.0;
+}
+
+/* The summary after the problems, worded like qemu-img check's. */
+static void
+print_check_text (const struct qcow_check_result *r)
+{
+  if (r->corruptions == 0 && r->leaks == 0)
+    printf ("No errors were found on the image.\n");
+  if (r->corruptions)
+    printf ("\n%" PRIu64 " errors were found on the image.\n"
+            "Data may be corrupted, or further writes to the image may "
+            "corrupt it.\n", r->corruptions);
+  if (r->leaks)
+    printf ("\n%" PRIu64 " leaked clusters were found on the image.\n"
+            "This means waste of disk space, but no harm to data.\n",
+            r->leaks);
+  if (r->marked_corrupt)
+    printf ("The image is marked corrupt ('" PROG " repair' clears the "
+            "mark).\n");
+  if (r->dirty)
+    printf ("The image is marked dirty (lazy refcounts): refcounts are "
+            "rebuilt on its next read-write open.\n");
+  printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% compressed "
+          "clusters\n", r->allocated_clusters, r->total_clusters,
+          percent (r->allocated_clusters, r->total_clusters),
+          percent (r->compressed_clusters, r->allocated_clusters));
+  printf ("File: %" PRIu64 " clusters of %" PRIu32 " bytes: %" PRIu64
+          " used (%" PRIu64 " bytes), %" PRIu64 " free (%" PRIu64
+          " bytes)\n", r->file_clusters, r->cluster_size, r->used_clusters,
+          r->used_bytes, r->free_clusters, r->free_bytes);
+  printf ("Image end offset: %" PRIu64 "\n", r->image_end_offset);
+}
+
+static void
+print_check_json (const char *file, const struct qcow_check_result *r,
+                  const struct problem_list *l)
+{
+  printf ("{\n  \"filename\": ");
+  json_string (stdout, file);
+  printf (",\n  \"verdict\": \"%s\",\n", verdict_name (r->verdict));
+  if (r->verdict == QCOW_CHECK_FAILED) {
+    printf ("  \"reason\": ");
+    json_string (stdout, r->reason);
+    printf ("\n}\n");
+    return;
+  }
+  printf ("  \"corruptions\": %" PRIu64 ",\n", r->corruptions);
+  printf ("  \"leaks\": %" PRIu64 ",\n", r->leaks);
+  printf ("  \"problem-counts\": {");
+  for (int k = 0; k < QCOW_PROBLEM_NR; k++)
+    printf ("%s\"%s\": %" PRIu64, k ? ", " : " ", qcow_problem_name (k),
+            r->problems[k]);
+  printf (" },\n");
+  printf ("  \"marked-corrupt\": %s,\n", r->marked_corrupt ? "true" : "false");
+  printf ("  \"dirty\": %s,\n", r->dirty ? "true" : "false");
+  printf ("  \"bitmaps-checked\": %s,\n", r->bitmaps_checked ? "true" : "false");
+  printf ("  \"cluster-size\": %" PRIu32 ",\n", r->cluster_size);
+  printf ("  \"file-size\": %" PRIu64 ",\n", r->file_size);
+  printf ("  \"file-clusters\": %" PRIu64 ",\n", r->file_clusters);
+  printf ("  \"used-clusters\": %" PRIu64 ",\n", r->used_clusters);
+  printf ("  \"free-clusters\": %" PRIu64 ",\n", r->free_clusters);
+  printf ("  \"used-bytes\": %" PRIu64 ",\n", r->used_bytes);
+  printf ("  \"free-bytes\": %" PRIu64 ",\n", r->free_bytes);
+  printf ("  \"image-end-offset\": %" PRIu64 ",\n", r->image_end_offset);
+  printf ("  \"total-clusters\": %" PRIu64 ",\n", r->total_clusters);
+  printf ("  \"allocated-clusters\": %" PRIu64 ",\n", r->allocated_clusters);
+  printf ("  \"compressed-clusters\": %" PRIu64 ",\n", r->compressed_clusters);
+  printf ("  \"problems\": [");
+  for (size_t i = 0; i < l->n; i++) {
+    const struct qcow_check_problem *p = &l->v[i];
+    printf ("%s\n    { \"kind\": \"%s\", \"corruption\": %s, \"what\": ",
+            i ? "," : "", qcow_problem_name (p->kind),
+            p->corruption ? "true" : "false");
+    json_string (stdout, p->what ? p->what : "");
+    printf (", \"src\": %" PRIu64 ", \"dst\": %" PRIu64, p->src, p->dst);
+    if (p->what2) {
+      printf (", \"what2\": ");
+      json_string (stdout, p->what2);
+      printf (", \"src2\": %" PRIu64, p->src2);
+    }
+    if (p->kind == QCOW_PROBLEM_REFCOUNT || p->kind == QCOW_PROBLEM_LEAK ||
+        p->kind == QCOW_PROBLEM_COPIED)
+      printf (", \"refcount\": %" PRIu64 ", \"references\": %" PRIu64,
+              p->refcount, p->references);
+    printf (", \"message\": ");
+    json_string (stdout, p->message ? p->message : "");
+    printf (" }");
+  }
+  printf ("%s],\n", l->n ? "\n  " : "");
+  printf ("  \"problems-truncated\": %s\n}\n", l->truncated ? "true" : "false");
+}
+
+static int
+flush_stdout (void)
+{
+  if (fflush (stdout) == EOF || ferror (stdout)) {
+    fail ("standard output: %s", strerror (errno));
+    return 1;
+  }
+  return 0;
+}
+
+static int
+cmd_check (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "json", no_argument, NULL, 'j' },
+    { NULL, 0, NULL, 0 },
+  };
+  bool json = false;
+  int c;
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    if (c == 'j')
+      json = true;
+    else
+      return 1;
+  }
+  if (argc - optind != 1)
+    return usage_error ("check", "expected FILE");
+  const char *file = argv[optind];
+
+  struct qcow_check_result res;
+  struct problem_list list = { 0 };
+  qcow_check_file (file, &res, json ? collect_problem : print_problem,
+                   json ? (void *) &list : NULL);
+  if (json)
+    print_check_json (file, &res, &list);
+  else if (res.verdict == QCOW_CHECK_FAILED)
+    fail ("%s: could not check: %s", file, res.reason);
+  else
+    print_check_text (&res);
+  free_problems (&list);
+  if (flush_stdout ())
+    return 1;
+  return res.verdict;
+}
+
+static int
+cmd_repair (int argc, char **argv)
+{
+  if (argc != 2)
+    return usage_error ("repair", "expected FILE");
+  const char *file = argv[1];
+
+  /* List the problems first (the repair checks again by itself). */
+  struct qcow_check_result pre;
+  if (qcow_check_file (file, &pre, print_problem, NULL) < 0) {
+    fail ("%s: could not check: %s", file, pre.reason);
+    return 1;
+  }
+  if (pre.verdict == QCOW_CHECK_CLEAN && !pre.marked_corrupt) {
+    print_check_text (&pre);
+    return flush_stdout ();
+  }
+  struct qcow_repair_result rr;
+  int r = qcow_repair_file (file, &rr);
+  if (rr.repaired) {
+    printf ("\nThe following inconsistencies were found and repaired:\n\n"
+            "    %" PRIu64 " leaked clusters\n    %" PRIu64 " corruptions\n\n",
+            rr.before.leaks, rr.before.corruptions);
+    if (rr.entries_cleared)
+      printf ("    %" PRIu64 " table entries unlinked (they pointed outside "
+              "the file or into metadata)\n", rr.entries_cleared);
+    if (rr.entries_realigned)
+      printf ("    %" PRIu64 " misaligned entries realigned\n",
+              rr.entries_realigned);
+    if (rr.reserved_cleared)
+      printf ("    %" PRIu64 " entries with reserved bits cleared\n",
+              rr.reserved_cleared);
+    if (rr.copied_fixed)
+      printf ("    %" PRIu64 " COPIED flags corrected\n", rr.copied_fixed);
+    if (rr.refcounts_rebuilt)
+      printf ("    refcount structure rebuilt\n");
+    if (rr.corrupt_bit_cleared)
+      printf ("    corrupt bit cleared\n");
+    if (rr.bitmaps_dropped)
+      printf ("    persistent bitmaps dropped (marked inconsistent)\n");
+    printf ("\nDouble checking the fixed image now...\n");
+  }
+  if (r < 0) {
+    fflush (stdout);
+    fail ("%s: %s", file, rr.reason);
+    if (!rr.repaired)
+      printf ("The image was not changed.\n");
+  }
+  if (rr.after.verdict != QCOW_CHECK_FAILED)
+    print_check_text (&rr.after);
+  if (flush_stdout ())
+    return 1;
+  return rr.after.verdict;
+}
+
 /* ---- dispatch ---- */
 
 struct command {
   const char *name;
-  int (*run) (int argc, char **argv);   /* argv[0] is the subcommand */
+  int (*run) (int argc, char **argv);   /* argv[0] is the subcommand;
+                                           returns the exit status */
   const char *args;
   const char *help;
 };
 
-/* check and repair will join this table. */
 static const struct command commands[] = {
   { "info", cmd_info, "FILE [--json]",
     "print the image header, features and space use (read-only)" },
@@ -756,6 +1025,12 @@ static const struct command commands[] = {
     "move clusters into free space and truncate the file" },
   { "map", cmd_map, "FILE",
     "print the guest ranges: offset, length, data|zero|hole" },
+  { "check", cmd_check, "FILE [--json]",
+    "check the image's integrity (read-only); exit status as qemu-img\n"
+    "      check: 0 clean, 2 corrupt, 3 leaked clusters only, 1 could not check" },
+  { "repair", cmd_repair, "FILE",
+    "fix damaged table entries and rebuild the refcounts (qemu-img\n"
+    "      check -r all); leaves the file unchanged if it cannot repair it" },
 };
 #define NR_COMMANDS (sizeof commands / sizeof commands[0])
 
@@ -797,7 +1072,7 @@ main (int argc, char **argv)
       /* Hand the subcommand its own argv, with its name as argv[0], and
        * let getopt print "qcow-tool: unrecognized option" itself. */
       argv[1] = (char *) PROG;
-      return commands[i].run (argc - 1, argv + 1) == 0 ? 0 : 1;
+      return commands[i].run (argc - 1, argv + 1);
     }
   fail ("unknown command '%s' (see '" PROG " --help')", argv[1]);
   return 1;
