@@ -397,6 +397,14 @@ flush_all (struct qcow *q)
 {
   int r;
   pthread_mutex_lock (&q->flush_lock);
+  /* Most of the cost of a flush is the data: sync it before taking the
+   * image lock, so that other requests are not held up by it; the syncs
+   * metadata_sync does under the lock then have little left to do. */
+  if (__atomic_load_n (&q->data_unsynced, __ATOMIC_RELAXED) &&
+      (r = io_sync (q)) < 0) {
+    pthread_mutex_unlock (&q->flush_lock);
+    return r;
+  }
   pthread_mutex_lock (&q->lock);
   r = metadata_sync (q);
   size_t durable = q->npending;
