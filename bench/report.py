@@ -1,0 +1,144 @@
+#!/usr/bin/python3
+"""Helpers for bench/run.
+
+  report.py metric FIO.json
+      Print "VALUE<TAB>UNIT<TAB>LABEL" for one fio run (JSON output, one
+      group-reported job): IOPS for blocks under 1 MiB, MiB/s otherwise;
+      LABEL is the section's description.
+
+  report.py table RESULTS.tsv
+      Print the Markdown table of the median of each workload and server,
+      with the servers' peak RSS, then a table of the spread of the runs.
+      RESULTS.tsv has one line per run:
+      workload, server, run, value (or FAIL), unit, label, peak RSS in KiB.
+"""
+
+import json
+import statistics
+import sys
+
+SERVERS = [("plugin", "plugin"), ("qemu", "qemu-nbd"),
+           ("raw", "raw (file plugin)")]
+
+
+def parse_size(text):
+    suffixes = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower()
+    if text and text[-1] in suffixes:
+        return int(text[:-1]) * suffixes[text[-1]]
+    return int(text)
+
+
+def metric(path):
+    with open(path) as f:
+        job = json.load(f)["jobs"][0]
+    if job["error"]:
+        sys.exit(f"{path}: fio reported error {job['error']}")
+    opts = job["job options"]
+    direction = "read" if job["read"]["io_bytes"] else "write"
+    stats = job[direction]
+    if not stats["io_bytes"]:
+        sys.exit(f"{path}: no I/O was done")
+    if parse_size(opts["bs"]) < 1 << 20:
+        value, unit = stats["iops"], "IOPS"
+    else:
+        value, unit = stats["bw_bytes"] / (1 << 20), "MiB/s"
+    print(f"{value:.1f}\t{unit}\t{opts['description']}")
+
+
+def fmt(value):
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def read_results(path):
+    """Return (rows, fails, rss): rows maps workload -> {"label", "unit",
+    server -> [values]}, in file order; fails maps (workload, server) -> the
+    number of failed runs; rss maps (server, unit) -> peak RSS in KiB."""
+    rows, fails, rss = {}, {}, {}
+    with open(path) as f:
+        for line in f:
+            w, server, _run, value, unit, label, rss_kib = \
+                line.rstrip("\n").split("\t")
+            row = rows.setdefault(w, {"label": w, "unit": "-"})
+            if value == "FAIL":
+                fails[w, server] = fails.get((w, server), 0) + 1
+            else:
+                row.setdefault(server, []).append(float(value))
+                row["label"], row["unit"] = label, unit
+            if rss_kib != "-":
+                key = server, row["unit"]
+                rss[key] = max(rss.get(key, 0), int(rss_kib))
+    return rows, fails, rss
+
+
+def markdown(head, lines):
+    return ["| " + " | ".join(head) + " |",
+            "|" + "---|" + "---:|" * (len(head) - 1)] + \
+           ["| " + " | ".join(cells) + " |" for cells in lines]
+
+
+def table(path):
+    rows, fails, rss = read_results(path)
+    names = [name for _, name in SERVERS]
+    main, spread = [], []
+
+    def ratios(med):
+        return [ratio(med["plugin"], med["qemu"]),
+                ratio(med["plugin"], med["raw"])]
+
+    for row_id, row in rows.items():
+        label = row["label"] if row["unit"] == "-" else \
+            f"{row['label']} ({row['unit']})"
+        med, cells, ranges = {}, [], []
+        for server, _ in SERVERS:
+            values = row.get(server, [])
+            failed = fails.get((row_id, server), 0)
+            med[server] = statistics.median(values) \
+                if values and not failed else None
+            if failed:
+                cells.append(f"FAIL ({failed}/{failed + len(values)})")
+            else:
+                cells.append(fmt(med[server]) if values else "–")
+            ranges.append(f"{fmt(min(values))}–{fmt(max(values))}"
+                          if values else "–")
+        main.append([label] + cells + ratios(med))
+        spread.append([label] + ranges)
+
+    def rss_row(label, units):
+        med = {}
+        for server, _ in SERVERS:
+            kib = [rss[server, u] for u in units if (server, u) in rss]
+            med[server] = max(kib) / 1024 if kib else None
+        main.append([label] +
+                    [f"{med[s]:.1f}" if med[s] is not None else "–"
+                     for s, _ in SERVERS] + ratios(med))
+
+    units = sorted({u for _, u in rss})
+    rss_row("peak RSS, MiB (lower is better)", units)
+    if "IOPS" in units and len(units) > 1:
+        rss_row("peak RSS in the 4k workloads, MiB", ["IOPS"])
+
+    out = markdown(["workload"] + names + ["plugin/qemu-nbd", "plugin/raw"],
+                   main)
+    out += ["", "Spread over the runs (min–max):", ""]
+    out += markdown(["workload"] + names, spread)
+    print("\n".join(out))
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "metric":
+        metric(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "table":
+        table(sys.argv[2])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
