@@ -2,12 +2,15 @@
  *
  * The check
  * ---------
- * The file is opened read-only and parsed tolerantly: only what makes the
- * tables unreadable (bad magic, version, cluster size, unknown
- * incompatible features, encryption, an L1 or refcount table that is
- * misaligned, too large or outside the file, ...) stops the check; that
- * is reported as "could not check" with the reason.  Everything else is
- * reported as a problem and the walk goes on.
+ * The file is opened read-only (with QEMU's reader lock) and parsed
+ * tolerantly.  Only what QEMU also refuses, or what leaves nothing to
+ * walk, stops the check as "could not check" with the reason: bad magic,
+ * version, cluster size, header length or extensions, unknown
+ * incompatible features, encryption, an invalid backing file name, an L1
+ * table of the wrong size or misaligned, a refcount table empty, too
+ * large or misaligned, a snapshot table offset that is misaligned or a
+ * snapshot table that cannot be parsed.  Tables past the end of a
+ * truncated file read as zeros (as in QEMU) and are reported.
  *
  * One walk counts the references to every host cluster of the file, in
  * this order: the header cluster, the refcount table and each refcount
@@ -17,7 +20,9 @@
  * clusters below it, and the persistent bitmaps (directory, tables, data)
  * when the bitmaps autoclear bit says they are valid.  Memory: a 32-bit
  * count, the stored refcount and the first referrer for each cluster of
- * the file (16 bytes per cluster), so bounded by the file size.
+ * the file (16 bytes per cluster), so bounded by the file size; work is
+ * bounded by the file size times the number of snapshots (an L2 table is
+ * followed at most once per snapshot, plus twice from the active table).
  *
  * Each reference is checked on the way: outside the file, misaligned,
  * reserved bits set.  A second reference to a cluster conflicts with the
@@ -29,26 +34,32 @@
  * clusters sharing a host cluster) do not conflict.  Then the counts are
  * compared with the stored refcounts (fewer stored = corruption, more =
  * leak, as qemu-img check), and the COPIED flags of the active tables are
- * checked against the stored refcounts.
+ * checked against the stored refcounts (as qemu-img check).
  *
  * The repair
  * ----------
  * Rebuilding the refcount structure from the tables (the core's
  * qcow_rebuild_refcount_table) fixes leaks, wrong refcounts and damaged
- * refcount blocks, but it trusts the L1/L2 entries.  Entries that cannot
- * be trusted are fixed first, directly in the file, by a planner that
- * walks the image repeatedly through an in-memory overlay of the fixes
- * decided so far, until a walk decides nothing new.  Nothing is written
- * before the whole plan is known to work; otherwise the file is left as
- * it was and the reason is returned.  The rules (qemu-img check -r all
- * does the first and the COPIED fix; the others go further where it only
- * reports):
+ * refcount blocks, but it trusts the L1/L2 entries, and qcow_connect
+ * refuses tables that point outside the file or into other metadata.  So
+ * the entries that cannot be trusted are fixed first, directly in the
+ * file, under QEMU's writer lock.  A planner walks the image repeatedly
+ * through an in-memory overlay of the fixes decided so far, until a walk
+ * decides nothing new; nothing is written before the whole plan is known
+ * to work, otherwise the file is left as it was and the reason returned.
+ * Then the fixes are written (the original entries kept), the image is
+ * opened with qcow_connect and its refcounts rebuilt; if that fails before
+ * the new refcount structure is in place, the original entries are
+ * written back.  The rules (qemu-img check -r all does the refcounts, the
+ * COPIED flags and unlinking misaligned zero clusters; the others go
+ * further where it only reports):
  *
  *  - an L2 entry that points outside the file, or into the header or
  *    another metadata structure, is unlinked: it becomes a zero cluster
  *    (v3; v2 has no zero flag, so unallocated), the data is lost anyway;
  *  - an L1 entry that points outside the file, or whose L2 table would
- *    overlap the header, an L1 table or the snapshot table, is cleared;
+ *    overlap the header, an L1 table, the refcount table or the snapshot
+ *    table, is cleared;
  *  - a misaligned entry is realigned to the cluster it points into when
  *    that cluster is allocated (refcount >= 1) and nothing else refers to
  *    it (a damaged entry, the table or data intact), else it is unlinked;
@@ -58,14 +69,17 @@
  *    cleared, so the next write to either copies it (what qemu-img does);
  *  - COPIED flags in the active tables are set exactly where the
  *    recounted refcount is 1; compressed entries never have it;
- *  - conflicts with the old refcount structure or with bitmaps need no
- *    fix: the rebuild replaces the refcount structure, and the core drops
- *    persistent bitmaps (clears their autoclear bit) on its first write;
- *  - the corrupt bit is cleared once the image is repaired.
+ *  - refcount table entries that are misaligned, outside the file or in
+ *    the header, L1 or refcount table are cleared (the rebuild replaces
+ *    every block); other conflicts with refcount blocks or bitmaps need no
+ *    fix: the core drops persistent bitmaps (clears their autoclear bit)
+ *    on its first write;
+ *  - the corrupt bit is cleared.
  * Refused (the file is unchanged): damage inside snapshot tables (delete
  * the snapshot first), two metadata structures overlapping each other, a
- * data cluster shared with a compressed cluster, refcounts that would
- * overflow the refcount width, and images qcow_connect refuses.
+ * data cluster shared with a compressed cluster, invalid subcluster
+ * bitmaps, refcounts that would overflow the refcount width, and images
+ * qcow_connect refuses for other reasons (a missing backing file, ...).
  */
 #include <fcntl.h>
 #include <stdarg.h>
@@ -349,9 +363,9 @@ static void
 clear_entry (struct walk *w, uint64_t src, enum ref k, bool snap)
 {
   if (snap) {
-    refuse (w, "a damaged entry at 0x%" PRIx64 " in a snapshot's tables refers "
-            "to a %s: delete the snapshot (qemu-img snapshot -d) first",
-            src, ref_name[k]);
+    refuse (w, "a damaged %s reference at 0x%" PRIx64 " in a snapshot's "
+            "tables: delete the snapshot (qemu-img snapshot -d) first",
+            ref_name[k], src);
     return;
   }
   switch (k) {
@@ -895,6 +909,15 @@ walk_snapshots (struct walk *w)
   uint64_t off = 0;
   for (uint32_t i = 0; i < h->nb_snapshots; i++) {
     uint64_t extra = off + 40 <= avail ? rd32 (t + off + 36) : 0;
+    if (off + 40 <= avail && h->version >= 3 && extra < 16) {
+      /* Version 3 needs the large VM state size and the disk size. */
+      PROBLEM (w, QCOW_PROBLEM_INVALID, "snapshot table",
+               h->snapshots_offset + off, h->snapshots_offset,
+               "ERROR snapshot table entry %" PRIu32 " is incomplete (%"
+               PRIu64 " bytes of extra data)", i, extra);
+      if (w->plan)
+        refuse (w, "the snapshot table is incomplete");
+    }
     uint64_t len = off + 40 <= avail
       ? 40 + extra + rd16 (t + off + 12) + rd16 (t + off + 14) : 0;
     if (off + 40 > avail || extra > MAX_SNAPSHOT_EXTRA || off + len > avail) {
@@ -1090,7 +1113,7 @@ parse_header (struct walk *w)
     h->autoclear_features = rd64 (buf + 88);
     h->refcount_order = rd32 (buf + 96);
     h->header_length = rd32 (buf + 100);
-    if (h->header_length < 104 || h->header_length % 8 || h->header_length > cs ||
+    if (h->header_length < 104 || h->header_length > cs ||
         h->header_length > w->file_size) {
       fail (res, "header_length %" PRIu32 " is invalid", h->header_length);
       goto out;

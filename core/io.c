@@ -160,12 +160,15 @@ io_pwrite_fd (int fd, const char *file, const void *buf, size_t count,
 static void
 note_extent (struct qcow *q, uint64_t end)
 {
+  /* Shared by every writer: read before writing, so the cache line is
+   * not bounced between CPUs on every request. */
   uint64_t cur = __atomic_load_n (&q->file_size, __ATOMIC_RELAXED);
   while (end > cur &&
          !__atomic_compare_exchange_n (&q->file_size, &cur, end, false,
                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
     ;
-  __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
+  if (!__atomic_load_n (&q->data_unsynced, __ATOMIC_RELAXED))
+    __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
 }
 
 int

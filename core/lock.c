@@ -160,6 +160,11 @@ qcow_lock_change (int fd, const char *filename,
   }
   const struct perms *from = &state_perms[from_state];
   const struct perms *to = &state_perms[to_state];
+  if (!(to->held & ~from->held) && !(to->unshared & ~from->unshared)) {
+    /* Only giving up permissions cannot conflict (QEMU does not check). */
+    unlock_bytes (fd, from, to);
+    return 0;
+  }
   struct perms both = {
     from->held | to->held, from->unshared | to->unshared
   };
