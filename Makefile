@@ -44,11 +44,11 @@ $(O)/obj/core/%.o: core/%.c core/*.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
-$(O)/obj/plugin/qcow.o: plugin/qcow.c core/qcow.h
+$(O)/obj/plugin/qcow.o: plugin/qcow.c core/*.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
-$(O)/obj/tool/qcow-tool.o: tool/qcow-tool.c core/qcow.h
+$(O)/obj/tool/qcow-tool.o: tool/qcow-tool.c core/*.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 

@@ -7,7 +7,7 @@
  * walk, stops the check as "could not check" with the reason: bad magic,
  * version, cluster size, header length or extensions, unknown
  * incompatible features, encryption, an invalid backing file name, an L1
- * table of the wrong size or misaligned, a refcount table empty, too
+ * table of the wrong size or misaligned, a refcount table too
  * large or misaligned, a snapshot table offset that is misaligned or a
  * snapshot table that cannot be parsed.  Tables past the end of a
  * truncated file read as zeros (as in QEMU) and are reported.
@@ -172,7 +172,6 @@ struct doubt {
 };
 
 struct walk {
-  const char *path;
   int fd;
   uint64_t file_size;
   struct qcow_header h;
@@ -636,6 +635,12 @@ walk_l1 (struct walk *w, uint64_t l1off, uint32_t l1_size, bool active)
                "ERROR L1 entry at 0x%" PRIx64 " (index %" PRIu32 ") has "
                "reserved bits set: 0x%016" PRIx64, src, i, e);
     if (!off) {
+      /* Unallocated; QEMU's check counts such an entry with flags as an
+       * L2 table in the header. */
+      if (e & ENTRY_COPIED)
+        PROBLEM (w, QCOW_PROBLEM_COPIED, "L2 table", src, 0,
+                 "ERROR L1 entry at 0x%" PRIx64 " (index %" PRIu32 ") has "
+                 "the COPIED flag but no L2 table", src, i);
       if (w->plan && e) {
         add_fix (w, src, 0, FIX_RESERVED);
         w->l1_fixed = true;
@@ -707,7 +712,7 @@ walk_refcounts (struct walk *w)
 {
   const uint64_t cs = w->cs, rct_off = w->h.refcount_table_offset;
   const uint64_t per_block = 1ULL << w->rb_bits;
-  uint64_t *rct = malloc (w->rct_entries * 8);
+  uint64_t *rct = malloc (w->rct_entries ? w->rct_entries * 8 : 8);
   uint8_t *seen = calloc (w->nclusters / 8 + 1, 1);
   if (!rct || !seen) {
     free (seen);
@@ -1226,14 +1231,13 @@ parse_header (struct walk *w)
     goto out;
   }
   uint64_t rct_bytes = (uint64_t) h->refcount_table_clusters << h->cluster_bits;
-  if (h->refcount_table_clusters == 0 || rct_bytes > QCOW_MAX_RCT_BYTES ||
+  if (rct_bytes > QCOW_MAX_RCT_BYTES ||
       h->refcount_table_offset % cs ||
       h->refcount_table_offset > INT64_MAX - rct_bytes) {
     fail (res, "refcount table (offset 0x%" PRIx64 ", %" PRIu32
           " clusters) is %s", h->refcount_table_offset,
           h->refcount_table_clusters,
-          h->refcount_table_clusters == 0 ? "empty"
-          : rct_bytes > QCOW_MAX_RCT_BYTES ? "too large" : "invalid");
+          rct_bytes > QCOW_MAX_RCT_BYTES ? "too large" : "invalid");
     goto out;
   }
   w->rct_entries = rct_bytes / 8;
@@ -1325,7 +1329,7 @@ qcow_check_file (const char *path, struct qcow_check_result *res,
     close (fd);
     return r;
   }
-  struct walk w = { .path = path, .fd = fd, .res = res, .cb = cb, .opaque = opaque };
+  struct walk w = { .fd = fd, .res = res, .cb = cb, .opaque = opaque };
   r = walk_image (&w);
   walk_free (&w);
   close (fd);
@@ -1405,12 +1409,12 @@ decide_doubts (struct walk *w)
  * applied.  Returns 1 if it added fixes to PLAN (walk again), 0 when the
  * plan is complete, -errno with the reason in WHY. */
 static int
-plan_round (const char *path, int fd, struct fixes *plan, char *why,
+plan_round (int fd, struct fixes *plan, char *why,
             size_t whylen)
 {
   struct qcow_check_result scratch;
   memset (&scratch, 0, sizeof scratch);
-  struct walk w = { .path = path, .fd = fd, .res = &scratch, .plan = true,
+  struct walk w = { .fd = fd, .res = &scratch, .plan = true,
                     .overlay = plan };
   int r = walk_image (&w);
   if (r < 0) {
@@ -1460,11 +1464,11 @@ plan_round (const char *path, int fd, struct fixes *plan, char *why,
 
 /* Plan every fix for the image open on FD. */
 static int
-plan_repair (const char *path, int fd, struct fixes *plan,
+plan_repair (int fd, struct fixes *plan,
              char *why, size_t whylen)
 {
   for (int round = 0; round < MAX_ROUNDS; round++) {
-    int r = plan_round (path, fd, plan, why, whylen);
+    int r = plan_round (fd, plan, why, whylen);
     if (r <= 0)
       return r;
   }
@@ -1545,7 +1549,7 @@ qcow_repair_file (const char *path, struct qcow_repair_result *res)
     r = fd;
     goto refused;
   }
-  if ((r = plan_repair (path, fd, &plan, why, sizeof why)) < 0)
+  if ((r = plan_repair (fd, &plan, why, sizeof why)) < 0)
     goto refused;
   uint64_t incompat;
   uint8_t be[8];

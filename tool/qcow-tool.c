@@ -830,8 +830,8 @@ print_check_text (const struct qcow_check_result *r)
     printf ("The image is marked corrupt ('" PROG " repair' clears the "
             "mark).\n");
   if (r->dirty)
-    printf ("The image is marked dirty (lazy refcounts): refcounts are "
-            "rebuilt on its next read-write open.\n");
+    printf ("The image is marked dirty (lazy refcounts): its next writer "
+            "rebuilds the refcounts.\n");
   printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% compressed "
           "clusters\n", r->allocated_clusters, r->total_clusters,
           percent (r->allocated_clusters, r->total_clusters),
