@@ -9,8 +9,20 @@
   report.py table RESULTS.tsv
       Print the Markdown table of the median of each workload and server,
       with the servers' peak RSS, then a table of the spread of the runs.
-      RESULTS.tsv has one line per run:
-      workload, server, run, value (or FAIL), unit, label, peak RSS in KiB.
+
+  report.py versus RESULTS.tsv
+      Print a Markdown table of the plugin against qemu-nbd: the median
+      [min-max] of each, the speed-up (for unit "s", lower is better:
+      qemu-nbd's time / the plugin's; otherwise the plugin's value /
+      qemu-nbd's), the target speed-up and whether it was met, and each
+      server's peak RSS.
+
+  report.py figures RESULTS.tsv
+      Print a Markdown table of the median [min-max] of each row (one
+      server).
+
+RESULTS.tsv has one line per run: row, server, run, value (or FAIL), unit,
+label, peak RSS in KiB (or -), and optionally the target speed-up (or -).
 """
 
 import json
@@ -50,6 +62,13 @@ def fmt(value):
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
+def fmt_fine(value):
+    """Three significant digits below 100 (times can be small)."""
+    if value >= 100 or value == int(value):
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value >= 0.001 else f"{value:.2g}"
+
+
 def ratio(a, b):
     if a is None or b is None or b == 0:
         return "–"
@@ -64,7 +83,7 @@ def read_results(path):
     with open(path) as f:
         for line in f:
             w, server, _run, value, unit, label, rss_kib = \
-                line.rstrip("\n").split("\t")
+                line.rstrip("\n").split("\t")[:7]
             row = rows.setdefault(w, {"label": w, "unit": "-"})
             if value == "FAIL":
                 fails[w, server] = fails.get((w, server), 0) + 1
@@ -131,11 +150,93 @@ def table(path):
     print("\n".join(out))
 
 
+def read_rows(path):
+    """Return rows: row -> {"label", "unit", "target", "runs",
+    server -> [values], (server, "fail") -> count, (server, "rss") -> KiB}
+    in file order."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            fields += ["-"] * (8 - len(fields))
+            r, server, run, value, unit, label, rss_kib, target = fields[:8]
+            row = rows.setdefault(r, {"label": label, "unit": unit,
+                                      "target": target, "runs": 0})
+            row["runs"] = max(row["runs"], int(run))
+            if value == "FAIL":
+                row[server, "fail"] = row.get((server, "fail"), 0) + 1
+            else:
+                row.setdefault(server, []).append(float(value))
+                row["unit"] = unit
+            if rss_kib != "-":
+                row[server, "rss"] = max(row.get((server, "rss"), 0), int(rss_kib))
+    return rows
+
+
+def cell(row, server):
+    """(median or None, "median [min-max]" or FAIL/- text)."""
+    values = row.get(server, [])
+    failed = row.get((server, "fail"), 0)
+    if failed:
+        return None, f"FAIL ({failed}/{failed + len(values)})"
+    if not values:
+        return None, "–"
+    med = statistics.median(values)
+    text = fmt_fine(med)
+    if len(values) > 1:
+        text += f" [{fmt_fine(min(values))}–{fmt_fine(max(values))}]"
+    return med, text
+
+
+def rss_cell(row, server):
+    kib = row.get((server, "rss"))
+    return "–" if kib is None else f"{kib / 1024:.1f}"
+
+
+def unit_label(row):
+    return row["label"] if row["unit"] == "-" else \
+        f"{row['label']} ({row['unit']})"
+
+
+def versus(path):
+    lines = []
+    for row in read_rows(path).values():
+        p, p_text = cell(row, "plugin")
+        q, q_text = cell(row, "qemu")
+        speedup = ratio(q, p) if row["unit"] == "s" else ratio(p, q)
+        if row["target"] == "-":
+            target = met = "–"
+        else:
+            target = f"≥ {row['target']}"
+            met = "–" if speedup == "–" else \
+                "yes" if float(speedup) >= float(row["target"]) else "**no**"
+        lines.append([unit_label(row), p_text, q_text, speedup, target, met,
+                      rss_cell(row, "plugin"), rss_cell(row, "qemu")])
+    print("\n".join(markdown(
+        ["", "plugin", "qemu-nbd", "speed-up", "target", "met",
+         "plugin peak RSS, MiB", "qemu-nbd peak RSS, MiB"], lines)))
+
+
+def figures(path):
+    lines = []
+    for row in read_rows(path).values():
+        servers = [k for k in row if isinstance(k, str) and
+                   k not in ("label", "unit", "target", "runs")] + \
+                  [k[0] for k in row if isinstance(k, tuple) and k[1] == "fail"]
+        for server in dict.fromkeys(servers):
+            lines.append([unit_label(row), cell(row, server)[1]])
+    print("\n".join(markdown(["", "median [min–max]"], lines)))
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "metric":
         metric(sys.argv[2])
     elif len(sys.argv) == 3 and sys.argv[1] == "table":
         table(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "versus":
+        versus(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "figures":
+        figures(sys.argv[2])
     else:
         sys.exit(__doc__)
 

@@ -210,12 +210,63 @@ qcow_config_complete (void)
   "compact-after-unmaps=<SIZE>  Compact in the background once SIZE was freed.\n" \
   "keep-erased=<SIZE>    Free space compaction keeps at the end of the file."
 
+/* Was nbdkit started with -r?  Plugins are not told before the first
+ * connection, but the image is opened (and locked, QEMU-style) before it,
+ * so look at nbdkit's own command line.  Short options that take an
+ * argument, and long ones that take it in the next word, are skipped. */
+static bool
+started_readonly (void)
+{
+  static const char *long_with_arg[] = {
+    "--debug", "--exportname", "--filter", "--group", "--ipaddr", "--log",
+    "--mask-handshake", "--pidfile", "--port", "--run", "--selinux-label",
+    "--threads", "--tls", "--tls-certificates", "--tls-psk", "--unix",
+    "--user", NULL
+  };
+  char buf[65536];
+  FILE *fp = fopen ("/proc/self/cmdline", "r");
+  if (!fp)
+    return false;
+  size_t n = fread (buf, 1, sizeof buf - 1, fp);
+  fclose (fp);
+  buf[n] = '\0';
+  bool ro = false, skip = false;
+  for (size_t i = 0; i < n; i += strlen (buf + i) + 1) {
+    const char *a = buf + i;
+    if (i == 0 || skip) {               /* argv[0], or an option's argument */
+      skip = false;
+      continue;
+    }
+    if (strcmp (a, "--") == 0)
+      break;
+    if (strcmp (a, "--readonly") == 0 || strcmp (a, "--read-only") == 0)
+      ro = true;
+    else if (a[0] == '-' && a[1] == '-') {
+      for (size_t k = 0; long_with_arg[k]; k++)
+        if (strcmp (a, long_with_arg[k]) == 0)
+          skip = true;
+    }
+    else if (a[0] == '-' && a[1]) {
+      for (const char *c = a + 1; *c; c++) {
+        if (*c == 'r')
+          ro = true;
+        if (strchr ("DegiPptUu", *c)) { /* takes an argument */
+          skip = c[1] == '\0';
+          break;
+        }
+      }
+    }
+  }
+  return ro;
+}
+
 /* Open and validate the image before the first client: a bad image stops
- * nbdkit at start-up.  It is opened writable if the file allows, but
- * nothing is written until a client writes (so -r never modifies it). */
+ * nbdkit at start-up.  With -r it is opened read-only; otherwise writable
+ * if the file allows, and nothing is written until a client writes. */
 static int
 qcow_get_ready (void)
 {
+  config.read_only = started_readonly ();
   if (qcow_connect (filename, &config, &image) < 0)
     return -1;
   struct qcow_info info;
