@@ -91,12 +91,14 @@ backing_open (struct qcow *q, struct chain *chain)
       return r;
     }
     q->backing_size = size;
-    return 0;
+    enum qcow_lock state = QCOW_LOCK_NONE;
+    return lock_change (q, q->backing_fd, path, &state, QCOW_LOCK_READ);
   }
   struct qcow_config cfg;
   qcow_config_default (&cfg);
   cfg.read_only = true;
   cfg.cache_size = q->cfg.cache_size;
+  cfg.locking = q->cfg.locking;
   chain->depth++;
   chain->dev[chain->depth] = st.st_dev;
   chain->ino[chain->depth] = st.st_ino;
@@ -207,5 +209,6 @@ data_file_open (struct qcow *q)
     return -e;
   }
   q->data_fd = fd;
-  return 0;
+  return lock_change (q, fd, q->data_path, &q->data_lock_state,
+                      QCOW_LOCK_DATA_READ);
 }

@@ -162,8 +162,21 @@ zero_needs_writes (struct qcow *q, uint64_t count, uint64_t offset,
     bool whole = gc * cs >= offset && (gc + 1) * cs <= offset + count;
     if (q->extl2)
       *yes = m.kind == C_COMPRESSED && sc_units (q, gc, offset, offset + count) != 0xffffffffULL;
-    else
-      *yes = whole && mode == CLEAR_ZERO_KEEP && q->h.version < 3 && m.kind == C_DATA;
+    else if (whole)
+      *yes = mode == CLEAR_ZERO_KEEP && q->h.version < 3 && m.kind == C_DATA;
+    else                        /* a partial edge is a byte write */
+      *yes = m.kind == C_DATA || m.kind == C_COMPRESSED ||
+             (m.kind == C_UNALLOC && q->backing_path);
+  }
+  /* Subcluster edges. */
+  const uint64_t us = 1ULL << q->sc_bits;
+  for (int edge = 0; q->extl2 && !*yes && r == 0 && edge < 2; edge++) {
+    uint64_t at = edge ? offset + count - 1 : offset;
+    if ((edge ? (offset + count) : offset) % us == 0)
+      continue;
+    struct cmap m;
+    if ((r = l2_lookup (q, at / cs, &m)) == 0)
+      *yes = m.kind == C_COMPRESSED || !sc_reads_zero (q, &m, at);
   }
   pthread_mutex_unlock (&q->lock);
   return r;

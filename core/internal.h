@@ -13,6 +13,7 @@
 #include <inttypes.h>
 
 #include "qcow.h"
+#include "lock.h"
 
 #define QCOW_MAGIC 0x514649fbU            /* "QFI\xfb" */
 #define QCOW_V2_HEADER_LEN 72
@@ -112,6 +113,8 @@ struct qcow {
   /* external data file (guest data at host offset = guest offset, not
    * refcounted); data_fd == fd when there is none */
   int data_fd;
+  enum qcow_lock lock_state;      /* what fd holds (lock.h) */
+  enum qcow_lock data_lock_state; /* what data_fd holds, if not fd */
   char *data_path;
   bool data_raw;           /* autoclear bit 1: it is a valid raw image */
 
@@ -175,6 +178,9 @@ void qcow_debugf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
 /* ---- qcow.c ---- */
 int check_range (struct qcow *q, size_t count, uint64_t offset);
 int begin_modify (struct qcow *q);
+int lock_change (struct qcow *q, int fd, const char *what,
+                 enum qcow_lock *state, enum qcow_lock to);
+int lock_write (struct qcow *q);
 int flush_all (struct qcow *q);
 struct inflight *inflight_find (struct qcow *q, uint64_t gc);
 void inflight_remove (struct qcow *q, struct inflight *f);

@@ -47,6 +47,7 @@ qcow_config_default (struct qcow_config *cfg)
 {
   memset (cfg, 0, sizeof *cfg);
   cfg->discard = true;
+  cfg->locking = true;
 }
 
 void
@@ -92,13 +93,21 @@ qcow_create (const char *path, const struct qcow_create_opts *o, bool overwrite)
   if (l1_clusters == 0)
     l1_clusters = 1;
 
-  int fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL), 0644);
+  /* No O_TRUNC: an image in use is refused before it is truncated. */
+  int fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC | (overwrite ? 0 : O_EXCL), 0644);
   if (fd == -1) {
     int e = errno;
     qcow_errorf (path, "%s", e == EEXIST ? "file exists" : strerror (e));
     return -e;
   }
-  int r = -ENOMEM;
+  char lockmsg[256];
+  int r = qcow_lock_image (fd, NULL, true, lockmsg, sizeof lockmsg);
+  if (r < 0) {
+    qcow_errorf (path, "%s", lockmsg);
+    close (fd);
+    return r;
+  }
+  r = -ENOMEM;
   uint8_t *hdr = calloc (1, cs);
   uint16_t *counts = calloc (1 + l1_clusters, sizeof *counts);
   if (!hdr || !counts)
@@ -289,6 +298,10 @@ connect_chain (const char *path, const struct qcow_config *cfg,
     r = -EINVAL;
     goto fail;
   }
+  /* Read-only locks until the first change (or qcow_lock_write): taken
+   * before the header is read, so no QEMU writer is changing it. */
+  if ((r = lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_READ)) < 0)
+    goto fail;
   off_t size = lseek (q->fd, 0, SEEK_END);
   if (size < 0) {
     r = -errno;
@@ -352,6 +365,61 @@ connect_chain (const char *path, const struct qcow_config *cfg,
   return r;
 }
 
+/* ---- locking (lock.h) ---- */
+
+/* Move FD (the image, or the file WHAT) from lock state *STATE to TO. */
+int
+lock_change (struct qcow *q, int fd, const char *what,
+             enum qcow_lock *state, enum qcow_lock to)
+{
+  if (!q->cfg.locking || *state == to)
+    return 0;
+  char msg[256];
+  int r = qcow_lock_change (fd, NULL, *state, to, msg, sizeof msg);
+  if (r > 0) {
+    /* No locks here (old kernel, file system without locks): like
+     * QEMU's locking=auto, carry on without them. */
+    qcow_debugf ("%s%s%s: %s", q->filename, what ? ": " : "", what ? what : "", msg);
+    q->cfg.locking = false;
+    return 0;
+  }
+  if (r < 0) {
+    if (what)
+      ERR (q, "%s: %s", what, msg);
+    else
+      ERR (q, "%s", msg);
+    return r;
+  }
+  *state = to;
+  return 0;
+}
+
+/* The write locks, on the image and its external data file.  Called with
+ * q->lock held, or before the image is shared. */
+int
+lock_write (struct qcow *q)
+{
+  int r;
+  if (q->read_only || q->lock_state == QCOW_LOCK_WRITE)
+    return 0;
+  if ((r = lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_WRITE)) < 0)
+    return r;
+  if (q->data_fd != q->fd &&
+      (r = lock_change (q, q->data_fd, q->data_path, &q->data_lock_state,
+                        QCOW_LOCK_DATA_WRITE)) < 0)
+    lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_READ);
+  return r;
+}
+
+int
+qcow_lock_write (struct qcow *q)
+{
+  pthread_mutex_lock (&q->lock);
+  int r = lock_write (q);
+  pthread_mutex_unlock (&q->lock);
+  return r;
+}
+
 /* Before the first change: repair a dirty image, clear autoclear bits we
  * do not maintain, and with lazy refcounts set the dirty bit. */
 int
@@ -366,6 +434,8 @@ begin_modify (struct qcow *q)
            "qemu-img check -r all)");
     return -EROFS;
   }
+  if ((r = lock_write (q)) < 0)
+    return r;
   bool lazy = q->h.version >= 3 && (q->h.compatible_features & QCOW_COMPAT_LAZY_REFCOUNTS);
   if (q->h.incompatible_features & QCOW_INCOMPAT_DIRTY) {
     qcow_debugf ("%s: image is dirty: rebuilding refcounts", q->filename);

@@ -43,6 +43,7 @@ struct qcow_config {
   const char *backing_file;    /* override the header's backing file */
   const char *backing_format;  /* override its format: "qcow2" or "raw" */
   const char *data_file;       /* override the external data file name */
+  bool locking;            /* lock the files as QEMU does; default true */
 };
 void qcow_config_default (struct qcow_config *cfg);
 
@@ -162,6 +163,14 @@ int qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
 /* Start / stop the background compaction thread (when
  * compact_after_unmaps is set).  Start it after any fork. */
 int qcow_start_background (struct qcow *q);
+
+/* QEMU-compatible image locking (with cfg.locking).  qcow_connect takes
+ * the locks of a read-only user, which QEMU's readers share; the first
+ * change takes the write locks, and so does this call, for a user that
+ * knows it will write (the plugin: a client opened read-write).  Returns
+ * 0, or -EAGAIN (message sent) if another process (QEMU, nbdkit) has the
+ * image open.  No-op for a read-only image or without locking. */
+int qcow_lock_write (struct qcow *q);
 
 /* Make every completed write durable, metadata included. */
 int qcow_flush (struct qcow *q);

@@ -349,34 +349,66 @@ rc_defer_free (struct qcow *q, uint64_t cluster)
   q->pending_free[q->npending++] = cluster;
 }
 
+static int
+cmp_u64 (const void *a, const void *b)
+{
+  uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+  return x < y ? -1 : x > y;
+}
+
+/* Punch the sorted clusters C[0..N) out of the file (or the data file),
+ * a contiguous run at a time: small clusters punched one by one would
+ * free nothing on a file system with larger blocks. */
+static void
+punch_runs (struct qcow *q, bool data, uint64_t *c, size_t n)
+{
+  qsort (c, n, sizeof *c, cmp_u64);
+  for (size_t i = 0, j; i < n; i = j) {
+    for (j = i + 1; j < n && c[j] == c[j - 1] + 1; j++)
+      ;
+    uint64_t len = (j - i) << q->cluster_bits;
+    if (io_punch (q, data, c[i] << q->cluster_bits, len) == 0)
+      q->stats.bytes_punched += len;
+  }
+}
+
 /* Drop the deferred references (their unlinking is durable) and punch
- * the clusters that became free out of the file. */
+ * the clusters that became free out of the file (data-file clusters are
+ * not refcounted: they are just punched out of the data file). */
 int
 rc_apply_deferred (struct qcow *q)
 {
+  size_t n = q->npending, nimg = 0, ndata = 0;
+  uint64_t *img = malloc (n * sizeof *img + 1), *data = malloc (n * sizeof *data + 1);
+  int r = 0;
   while (q->npending > 0) {
     uint64_t c = q->pending_free[q->npending - 1], rc;
-    if (c & DEFER_DATA_FILE) {          /* not refcounted: just punch */
+    if (c & DEFER_DATA_FILE) {
       q->npending--;
-      c &= ~DEFER_DATA_FILE;
-      if (q->cfg.discard && io_punch (q, true, c << q->cluster_bits, q->cluster_size) == 0)
-        q->stats.bytes_punched += q->cluster_size;
+      if (data)
+        data[ndata++] = c & ~DEFER_DATA_FILE;
       continue;
     }
-    int r = rc_free (q, c, 1);
-    if (r == 0)
+    if ((r = rc_free (q, c, 1)) == 0)
       r = rc_get (q, c, &rc);
     if (r < 0)
-      return r;
+      break;
     q->npending--;
     if (rc == 0) {
       q->stats.freed++;
-      if (q->cfg.discard &&
-          io_punch (q, false, c << q->cluster_bits, q->cluster_size) == 0)
-        q->stats.bytes_punched += q->cluster_size;
+      if (img)
+        img[nimg++] = c;
     }
   }
-  return 0;
+  if (q->cfg.discard) {
+    if (img)
+      punch_runs (q, false, img, nimg);
+    if (data)
+      punch_runs (q, true, data, ndata);
+  }
+  free (img);
+  free (data);
+  return r;
 }
 
 /* ---- building a whole refcount structure ---- */

@@ -150,6 +150,11 @@ qcow_config_key (const char *key, const char *value)
     }
     config.backing_format = strcmp (value, "raw") == 0 ? "raw" : "qcow2";
   }
+  else if (strcmp (key, "locking") == 0) {
+    if ((b = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    config.locking = b;
+  }
   else if (strcmp (key, "discard") == 0) {
     if ((b = nbdkit_parse_bool (value)) == -1)
       return -1;
@@ -204,6 +209,7 @@ qcow_config_complete (void)
   "cluster-size=<SIZE>   Cluster size of the new image (default 64K).\n" \
   "lazy-refcounts=BOOL   Lazy refcounts in the new image (default true).\n" \
   "discard=BOOL          Honour trim requests (default true).\n" \
+  "locking=false         Do not lock the image as QEMU does.\n" \
   "backing=false         Refuse images that name a backing file.\n" \
   "backing-file=<PATH>   Use this backing file instead of the header's.\n" \
   "backing-format=qcow2|raw  Its format (unrecorded formats open as raw).\n" \
@@ -269,6 +275,11 @@ qcow_get_ready (void)
   config.read_only = started_readonly ();
   if (qcow_connect (filename, &config, &image) < 0)
     return -1;
+  /* Serving read-write: hold QEMU's write locks from now on, so QEMU's
+   * tools see the image as in use (the first client would take them
+   * anyway). */
+  if (!config.read_only && qcow_lock_write (image) < 0)
+    return -1;
   struct qcow_info info;
   qcow_get_info (image, &info);
   struct qcow_header h;
@@ -296,12 +307,16 @@ qcow_dump_plugin (void)
   printf ("qcow_cluster_sizes=512-2M\n");
   printf ("qcow_refcount_bits=1,2,4,8,16,32,64\n");
   printf ("qcow_features=lazy-refcounts,dirty-bit,corrupt-bit,zero-clusters,"
-          "extents,fua,multi-conn,trim,zero,fast-zero,compaction,compressed,backing,snapshots,create\n");
+          "extents,fua,multi-conn,trim,zero,fast-zero,compaction,compressed,backing,snapshots,create,locking\n");
 }
 
+/* The write locks were taken at start-up unless nbdkit runs with -r
+ * (taking them is idempotent). */
 static void *
-qcow_open (int readonly UNUSED)
+qcow_open (int readonly)
 {
+  if (!readonly && qcow_lock_write (image) < 0)
+    return NULL;
   return image;                 /* the shared image is the handle */
 }
 
