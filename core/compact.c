@@ -215,6 +215,11 @@ move_batch (struct qcow *q, struct srclist *l, size_t *pos,
   int r = 0;
   *moved = 0;
 
+  /* Mark the batch with no request in flight: a request that looked up
+   * an old mapping has finished, and later ones see the marks and wait
+   * for them (never the other way round, which could deadlock with a
+   * request waiting on a mark while holding io_lock). */
+  pthread_rwlock_wrlock (&q->io_lock);
   pthread_mutex_lock (&q->lock);
   while (*pos < l->n && nd < BATCH) {
     const struct source *s = &l->v[*pos];
@@ -247,12 +252,9 @@ move_batch (struct qcow *q, struct srclist *l, size_t *pos,
     nd++;
   }
   pthread_mutex_unlock (&q->lock);
+  pthread_rwlock_unlock (&q->io_lock);
 
   if (nd > 0) {
-    /* Writers that looked up the old mapping before it was marked must
-     * finish before the copy. */
-    pthread_rwlock_wrlock (&q->io_lock);
-    pthread_rwlock_unlock (&q->io_lock);
     uint8_t *buf = malloc (q->cluster_size);
     if (!buf && r == 0)
       r = -ENOMEM;

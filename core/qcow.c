@@ -756,9 +756,9 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
         n++;
       }
     }
-    if (q->data_path) {                     /* fixed place, not counted */
-      first = gc;
-      fresh = q->data_raw && m->kind != C_COMPRESSED && !from_backing;
+    if (q->data_path) {                     /* fixed place, not counted; */
+      first = gc;                           /* it may hold trimmed data */
+      fresh = false;
     }
     else if ((r = rc_alloc (q, n, &first, &n, &fresh)) < 0)
       return r;

@@ -384,9 +384,15 @@ rc_apply_deferred (struct qcow *q)
   while (q->npending > 0) {
     uint64_t c = q->pending_free[q->npending - 1], rc;
     if (c & DEFER_DATA_FILE) {
+      /* The cluster sits at its guest offset: if it was written again
+       * since, it is in use and must not be punched. */
+      struct cmap m;
+      c &= ~DEFER_DATA_FILE;
+      if ((r = l2_lookup (q, c, &m)) < 0)
+        break;
       q->npending--;
-      if (data)
-        data[ndata++] = c & ~DEFER_DATA_FILE;
+      if (data && (m.kind == C_UNALLOC || m.kind == C_ZERO))
+        data[ndata++] = c;
       continue;
     }
     if ((r = rc_free (q, c, 1)) == 0)
