@@ -1179,9 +1179,21 @@ qcow_rebuild_refcount_table (struct qcow *q)
   }
   pthread_rwlock_wrlock (&q->io_lock);
   pthread_mutex_lock (&q->lock);
-  r = begin_modify (q);
+  /* Rebuild before anything else changes the file (begin_modify would
+   * set the dirty bit, clear autoclear bits), so that an image whose
+   * references cannot be trusted is left exactly as it was. */
+  off_t size = lseek (q->fd, 0, SEEK_END);
+  r = lock_write (q);
   if (r == 0 && (r = metadata_sync (q)) == 0 && (r = io_sync (q)) == 0)
     r = rc_rebuild (q);
+  if (r < 0 && size >= 0 && lseek (q->fd, 0, SEEK_END) > size && !q->modified) {
+    io_truncate (q, size);            /* drop a half-written structure */
+    q->file_size = size;
+  }
+  if (r == 0 && (q->h.incompatible_features & QCOW_INCOMPAT_DIRTY) && !q->modified)
+    r = header_set_incompat (q, q->h.incompatible_features & ~QCOW_INCOMPAT_DIRTY);
+  if (r == 0)
+    r = begin_modify (q);
   pthread_mutex_unlock (&q->lock);
   pthread_rwlock_unlock (&q->io_lock);
   return r;
