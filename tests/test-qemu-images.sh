@@ -36,6 +36,15 @@ workload ()
 {
     local cs=$1 compress=$2 i off len pat cmd
     ops=()
+    if [ "$compress" = yes ]; then
+        # Compressed clusters first (QEMU only compresses into unallocated
+        # clusters): whole clusters; one run compresses well, the other is
+        # random (QEMU then stores it uncompressed).  Later writes may
+        # overwrite parts of them.
+        ops+=(-c "write -c -P 0x77 $((8 * cs)) $((2 * cs))")
+        ops+=(-c "write -c -s $TMPD/random.bin $((12 * cs)) $cs")
+        ops+=(-c "write -P 0x78 $((8 * cs + 17)) 100")
+    fi
     # Fixed edge cases: first byte, a cluster boundary crossed unaligned,
     # the last bytes of the disk, a write spanning several clusters.
     ops+=(-c "write -P 0x11 0 1")
@@ -74,14 +83,6 @@ workload ()
         [ $((off + len)) -le $vsize ] || len=$((vsize - off))
         ops+=(-c "$cmd $off $len")
     done
-    if [ "$compress" = yes ]; then
-        # Compressed clusters: whole clusters only; one run compresses well,
-        # the other is random (QEMU then stores it uncompressed).
-        ops+=(-c "write -c -P 0x77 $((8 * cs)) $((2 * cs))")
-        ops+=(-c "write -c -s $TMPD/random.bin $((12 * cs)) $cs")
-        # Overwrite part of a compressed cluster.
-        ops+=(-c "write -P 0x78 $((8 * cs + 17)) 100")
-    fi
 }
 
 # check_ranges IMG RAW CLUSTER_SIZE: unaligned reads through the plugin
