@@ -90,7 +90,6 @@
 
 #include "internal.h"
 #include "lock.h"
-#include "check.h"
 
 #define MAX_SNAPSHOTS 65536
 #define MAX_SNAPSHOT_TABLE (64u << 20)
@@ -1311,6 +1310,33 @@ walk_image (struct walk *w)
   return 0;
 }
 
+/* Check the image open on FD (which must not change meanwhile). */
+int
+check_fd (int fd, struct qcow_check_result *res, qcow_check_cb cb, void *opaque)
+{
+  memset (res, 0, sizeof *res);
+  struct walk w = { .fd = fd, .res = res, .cb = cb, .opaque = opaque };
+  int r = walk_image (&w);
+  walk_free (&w);
+  return r;
+}
+
+int
+qcow_check (struct qcow *q, struct qcow_check_result *res, qcow_check_cb cb,
+            void *opaque)
+{
+  pthread_rwlock_wrlock (&q->io_lock);
+  pthread_mutex_lock (&q->lock);
+  int r = q->read_only ? 0 : metadata_sync (q);
+  if (r == 0 && !q->read_only)
+    r = io_sync (q);
+  if (r == 0)
+    r = check_fd (q->fd, res, cb, opaque);
+  pthread_mutex_unlock (&q->lock);
+  pthread_rwlock_unlock (&q->io_lock);
+  return r;
+}
+
 int
 qcow_check_file (const char *path, struct qcow_check_result *res,
                  qcow_check_cb cb, void *opaque)
@@ -1329,9 +1355,7 @@ qcow_check_file (const char *path, struct qcow_check_result *res,
     close (fd);
     return r;
   }
-  struct walk w = { .fd = fd, .res = res, .cb = cb, .opaque = opaque };
-  r = walk_image (&w);
-  walk_free (&w);
+  r = check_fd (fd, res, cb, opaque);
   close (fd);
   return r;
 }

@@ -237,6 +237,9 @@ int connect_chain (const char *path, const struct qcow_config *cfg,
                    struct chain *chain, struct qcow **qp);
 int backing_open (struct qcow *q, struct chain *chain);
 int data_file_open (struct qcow *q);
+
+/* ---- check.c ---- */
+int check_fd (int fd, struct qcow_check_result *res, qcow_check_cb cb, void *opaque);
 void backing_close (struct qcow *q);
 int backing_read (struct qcow *q, void *buf, uint64_t count, uint64_t offset);
 int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,

@@ -501,6 +501,18 @@ flush_all (struct qcow *q)
     pthread_rwlock_unlock (&q->io_lock);
   }
   pthread_mutex_unlock (&q->flush_lock);
+  if (r == 0 && q->cfg.runtime_asserts) {
+    /* The invariant behind crash safety: what is on disk is consistent
+     * (leaks allowed) after every flush. */
+    struct qcow_check_result cr;
+    r = qcow_check (q, &cr, NULL, NULL);
+    if (r == 0 && cr.verdict != QCOW_CHECK_CLEAN && cr.verdict != QCOW_CHECK_LEAKS) {
+      ERR (q, "runtime assertion failed after a flush: %s (%" PRIu64
+           " corruptions)", cr.verdict == QCOW_CHECK_FAILED ? cr.reason
+           : "image is inconsistent", cr.corruptions);
+      r = -EIO;
+    }
+  }
   return r;
 }
 

@@ -27,6 +27,7 @@ static int64_t create_size = -1;        /* size= */
 static int64_t cluster_size = 65536;    /* cluster-size= */
 static int lazy_refcounts = 1;          /* lazy-refcounts= */
 static char *backing_file;             /* backing-file= */
+static bool check_on_connect;           /* check-on-connect= */
 static struct qcow_config config;
 static struct qcow *image;              /* one image shared by every connection */
 
@@ -54,10 +55,12 @@ print_stats (void)
                 " clusters_allocated=%" PRIu64 " discarded=%" PRIu64
                 " erased=%" PRIu64 " freed=%" PRIu64 " bytes_punched=%" PRIu64
                 " l2_cache_hits=%" PRIu64 " l2_cache_misses=%" PRIu64
-                " metadata_writes=%" PRIu64,
+                " metadata_writes=%" PRIu64 " compacted=%" PRIu64
+                " compactions=%" PRIu64,
                 st.reads, st.writes, st.flushes, st.clusters_allocated,
                 st.discarded, st.erased, st.freed, st.bytes_punched,
-                st.l2_cache_hits, st.l2_cache_misses, st.metadata_writes);
+                st.l2_cache_hits, st.l2_cache_misses, st.metadata_writes,
+                st.compacted, st.compactions);
 }
 
 static void
@@ -150,6 +153,16 @@ qcow_config_key (const char *key, const char *value)
     }
     config.backing_format = strcmp (value, "raw") == 0 ? "raw" : "qcow2";
   }
+  else if (strcmp (key, "check-on-connect") == 0) {
+    if ((b = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    check_on_connect = b;
+  }
+  else if (strcmp (key, "runtime-asserts") == 0) {
+    if ((b = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    config.runtime_asserts = b;
+  }
   else if (strcmp (key, "locking") == 0) {
     if ((b = nbdkit_parse_bool (value)) == -1)
       return -1;
@@ -210,6 +223,8 @@ qcow_config_complete (void)
   "lazy-refcounts=BOOL   Lazy refcounts in the new image (default true).\n" \
   "discard=BOOL          Honour trim requests (default true).\n" \
   "locking=false         Do not lock the image as QEMU does.\n" \
+  "check-on-connect=true Check the image at start-up; refuse it if corrupt.\n" \
+  "runtime-asserts=true  Check the whole image after every flush (slow).\n" \
   "backing=false         Refuse images that name a backing file.\n" \
   "backing-file=<PATH>   Use this backing file instead of the header's.\n" \
   "backing-format=qcow2|raw  Its format (unrecorded formats open as raw).\n" \
@@ -280,6 +295,21 @@ qcow_get_ready (void)
    * anyway). */
   if (!config.read_only && qcow_lock_write (image) < 0)
     return -1;
+  if (check_on_connect) {
+    struct qcow_check_result cr;
+    if (qcow_check (image, &cr, NULL, NULL) < 0)
+      return -1;
+    if (cr.verdict == QCOW_CHECK_CORRUPT || cr.verdict == QCOW_CHECK_FAILED) {
+      nbdkit_error ("%s: check-on-connect: %s (%" PRIu64 " corruptions, %"
+                    PRIu64 " leaked clusters); repair it with qcow-tool repair",
+                    filename, cr.verdict == QCOW_CHECK_FAILED ? cr.reason
+                    : "image is corrupt", cr.corruptions, cr.leaks);
+      return -1;
+    }
+    nbdkit_debug ("%s: check-on-connect: %s, %" PRIu64 " leaked clusters",
+                  filename, cr.verdict == QCOW_CHECK_CLEAN ? "clean" : "leaks only",
+                  cr.leaks);
+  }
   struct qcow_info info;
   qcow_get_info (image, &info);
   struct qcow_header h;
@@ -307,7 +337,7 @@ qcow_dump_plugin (void)
   printf ("qcow_cluster_sizes=512-2M\n");
   printf ("qcow_refcount_bits=1,2,4,8,16,32,64\n");
   printf ("qcow_features=lazy-refcounts,dirty-bit,corrupt-bit,zero-clusters,"
-          "extents,fua,multi-conn,trim,zero,fast-zero,compaction,compressed,backing,snapshots,create,locking\n");
+          "extents,fua,multi-conn,trim,zero,fast-zero,compaction,compressed,backing,snapshots,extended-l2,data-file,check,create,locking\n");
 }
 
 /* The write locks were taken at start-up unless nbdkit runs with -r
