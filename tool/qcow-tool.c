@@ -259,12 +259,54 @@ text_string (FILE *fp, const char *s)
 
 /* ---- info ---- */
 
+#define MAX_CHAIN 16
+#define MAX_SNAPS_SHOWN 1000
 struct image_facts {
   const char *file;
   struct qcow_header h;
   uint64_t allocated;       /* guest bytes mapped */
   struct stat st;
+  int nchain;               /* the backing chain, resolved */
+  char *chain[MAX_CHAIN];
+  const char *chain_fmt[MAX_CHAIN];
+  int nsnap;                /* the snapshots */
+  struct { char *id, *name; uint64_t vm_state_size, disk_size; uint32_t date; } snap[MAX_SNAPS_SHOWN];
 };
+
+/* Gather what only an open image knows: the chain and the snapshots. */
+static void
+gather_open_facts (struct qcow *q, struct image_facts *f)
+{
+  const char *path, *fmt;
+  struct qcow *next;
+  for (struct qcow *cur = q; cur && f->nchain < MAX_CHAIN &&
+         qcow_backing_info (cur, &path, &fmt, &next); cur = next) {
+    f->chain[f->nchain] = strdup (path);
+    f->chain_fmt[f->nchain++] = strcmp (fmt, "raw") == 0 ? "raw" : "qcow2";
+  }
+  int n = qcow_snapshot_count (q);
+  for (int i = 0; i < n && f->nsnap < MAX_SNAPS_SHOWN; i++) {
+    struct qcow_snapshot_info si;
+    if (qcow_get_snapshot (q, i, &si) < 0)
+      continue;
+    f->snap[f->nsnap].id = strdup (si.id);
+    f->snap[f->nsnap].name = strdup (si.name);
+    f->snap[f->nsnap].vm_state_size = si.vm_state_size;
+    f->snap[f->nsnap].disk_size = si.disk_size;
+    f->snap[f->nsnap++].date = si.date_sec;
+  }
+}
+
+static void
+free_facts (struct image_facts *f)
+{
+  for (int i = 0; i < f->nchain; i++)
+    free (f->chain[i]);
+  for (int i = 0; i < f->nsnap; i++) {
+    free (f->snap[i].id);
+    free (f->snap[i].name);
+  }
+}
 
 static void
 print_features_text (const struct qcow_header *h, enum feature_kind k)
@@ -320,8 +362,26 @@ print_info_text (const struct image_facts *f)
     text_string (stdout, h->backing_file);
     printf ("\nbacking file format: ");
     text_string (stdout, h->backing_format[0] != '\0' ? h->backing_format
-                                                       : "(not recorded)");
+                                                       : "(not recorded: opened as raw)");
     putchar ('\n');
+    printf ("backing chain:\n");
+    for (int i = 0; i < f->nchain; i++) {
+      printf ("  %d: ", i + 1);
+      text_string (stdout, f->chain[i]);
+      printf (" (%s)\n", f->chain_fmt[i]);
+    }
+  }
+  if (f->nsnap) {
+    printf ("snapshot list:\n  %-10s %-20s %12s %12s %s\n", "ID", "TAG",
+            "VM SIZE", "DISK SIZE", "DATE (s since epoch)");
+    for (int i = 0; i < f->nsnap; i++) {
+      printf ("  ");                /* names come from the image: escaped */
+      text_string (stdout, f->snap[i].id);
+      printf (" ");
+      text_string (stdout, f->snap[i].name);
+      printf (" %12" PRIu64 " %12" PRIu64 " %" PRIu32 "\n",
+              f->snap[i].vm_state_size, f->snap[i].disk_size, f->snap[i].date);
+    }
   }
   printf ("allocated: %s (%" PRIu64 " bytes)\n",
           human_size (f->allocated, hb, sizeof hb), f->allocated);
@@ -395,6 +455,23 @@ print_info_json (const struct image_facts *f)
       printf (",\n");
     }
   }
+  printf ("  \"backing-chain\": [");
+  for (int i = 0; i < f->nchain; i++) {
+    printf ("%s{ \"filename\": ", i ? ", " : "");
+    json_string (stdout, f->chain[i]);
+    printf (", \"format\": \"%s\" }", f->chain_fmt[i]);
+  }
+  printf ("],\n  \"snapshot-list\": [");
+  for (int i = 0; i < f->nsnap; i++) {
+    printf ("%s{ \"id\": ", i ? ", " : "");
+    json_string (stdout, f->snap[i].id);
+    printf (", \"name\": ");
+    json_string (stdout, f->snap[i].name);
+    printf (", \"vm-state-size\": %" PRIu64 ", \"disk-size\": %" PRIu64
+            ", \"date-sec\": %" PRIu32 " }", f->snap[i].vm_state_size,
+            f->snap[i].disk_size, f->snap[i].date);
+  }
+  printf ("],\n");
   printf ("  \"allocated-bytes\": %" PRIu64 ",\n", f->allocated);
   printf ("  \"file-size\": %" PRIu64 ",\n", (uint64_t) f->st.st_size);
   printf ("  \"disk-usage\": %" PRIu64 "\n", (uint64_t) f->st.st_blocks * 512);
@@ -406,14 +483,17 @@ cmd_info (int argc, char **argv)
 {
   static const struct option opts[] = {
     { "json", no_argument, NULL, 'j' },
+    { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
   };
-  bool json = false;
+  bool json = false, force_share = false;
   int c;
 
-  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "U", opts, NULL)) != -1) {
     if (c == 'j')
       json = true;
+    else if (c == 'U')
+      force_share = true;           /* like qemu-img -U: take no locks */
     else
       return 1;
   }
@@ -426,9 +506,11 @@ cmd_info (int argc, char **argv)
 
   qcow_config_default (&cfg);
   cfg.read_only = true;
+  cfg.locking = !force_share;
   if (qcow_connect (f.file, &cfg, &q) < 0)
     return 1;
   qcow_get_header (q, &f.h);
+  gather_open_facts (q, &f);
   int r = qcow_allocated_bytes (q, &f.allocated);
   if (r == 0 && stat (f.file, &f.st) == -1) {
     fail ("%s: %s", f.file, strerror (errno));
@@ -441,6 +523,7 @@ cmd_info (int argc, char **argv)
     print_info_json (&f);
   else
     print_info_text (&f);
+  free_facts (&f);
   if (fflush (stdout) == EOF || ferror (stdout)) {
     fail ("standard output: %s", strerror (errno));
     return 1;
@@ -1013,7 +1096,7 @@ struct command {
 };
 
 static const struct command commands[] = {
-  { "info", cmd_info, "FILE [--json]",
+  { "info", cmd_info, "FILE [--json] [-U|--force-share]",
     "print the image header, features and space use (read-only)" },
   { "create", cmd_create,
     "FILE SIZE [--cluster-size=SIZE] [--lazy-refcounts=on|off]\n"
