@@ -437,6 +437,14 @@ begin_modify (struct qcow *q)
   if ((r = lock_write (q)) < 0)
     return r;
   bool lazy = q->h.version >= 3 && (q->h.compatible_features & QCOW_COMPAT_LAZY_REFCOUNTS);
+  /* Autoclear bits first: the rebuild does not count what they describe
+   * (bitmaps), which must not be left claiming to be consistent. */
+  uint64_t keep_bits = q->data_raw ? QCOW_AUTOCLEAR_DATA_RAW : 0;
+  if (q->h.autoclear_features & ~keep_bits) {
+    q->h.autoclear_features &= keep_bits;
+    if ((r = header_write_fields (q, 88, 8)) < 0 || (r = io_sync (q)) < 0)
+      return r;
+  }
   if (q->h.incompatible_features & QCOW_INCOMPAT_DIRTY) {
     qcow_debugf ("%s: image is dirty: rebuilding refcounts", q->filename);
     if ((r = rc_rebuild (q)) < 0)
@@ -445,12 +453,6 @@ begin_modify (struct qcow *q)
         (r = header_set_incompat (q, q->h.incompatible_features & ~QCOW_INCOMPAT_DIRTY)) < 0)
       return r;
     q->dirty_bit_set = lazy;
-  }
-  uint64_t keep_bits = q->data_raw ? QCOW_AUTOCLEAR_DATA_RAW : 0;
-  if (q->h.autoclear_features & ~keep_bits) {
-    q->h.autoclear_features &= keep_bits;
-    if ((r = header_write_fields (q, 88, 8)) < 0 || (r = io_sync (q)) < 0)
-      return r;
   }
   if (lazy && !q->dirty_bit_set) {
     if ((r = header_set_incompat (q, q->h.incompatible_features | QCOW_INCOMPAT_DIRTY)) < 0)

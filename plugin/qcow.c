@@ -299,7 +299,13 @@ qcow_get_ready (void)
     struct qcow_check_result cr;
     if (qcow_check (image, &cr, NULL, NULL) < 0)
       return -1;
-    if (cr.verdict == QCOW_CHECK_CORRUPT || cr.verdict == QCOW_CHECK_FAILED) {
+    /* A dirty image's refcounts are stale by design (lazy refcounts):
+     * they are rebuilt before the first write, so only the other kinds
+     * of problem count against it. */
+    uint64_t bad = cr.corruptions;
+    if (cr.dirty)
+      bad -= cr.problems[QCOW_PROBLEM_REFCOUNT] + cr.problems[QCOW_PROBLEM_COPIED];
+    if (bad > 0 || cr.verdict == QCOW_CHECK_FAILED) {
       nbdkit_error ("%s: check-on-connect: %s (%" PRIu64 " corruptions, %"
                     PRIu64 " leaked clusters); repair it with qcow-tool repair",
                     filename, cr.verdict == QCOW_CHECK_FAILED ? cr.reason
