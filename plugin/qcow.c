@@ -303,8 +303,9 @@ qcow_get_ready (void)
      * they are rebuilt before the first write, so only the other kinds
      * of problem count against it. */
     uint64_t bad = cr.corruptions;
+    uint64_t stale = cr.problems[QCOW_PROBLEM_REFCOUNT] + cr.problems[QCOW_PROBLEM_COPIED];
     if (cr.dirty)
-      bad -= cr.problems[QCOW_PROBLEM_REFCOUNT] + cr.problems[QCOW_PROBLEM_COPIED];
+      bad = bad > stale ? bad - stale : 0;
     if (bad > 0 || cr.verdict == QCOW_CHECK_FAILED) {
       nbdkit_error ("%s: check-on-connect: %s (%" PRIu64 " corruptions, %"
                     PRIu64 " leaked clusters); repair it with qcow-tool repair",
