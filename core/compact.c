@@ -111,7 +111,7 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
     }
   }
   free (buf);
-  if (r == 0)
+  if (r == 0 && l->n > 0)
     qsort (l->v, l->n, sizeof *l->v, cmp_source_desc);
   return r;
 }
