@@ -223,7 +223,7 @@ write_l1_range (struct qcow *q)
   return r;
 }
 
-static int
+int
 write_rct (struct qcow *q)
 {
   uint64_t n = q->rct_entries;
@@ -251,6 +251,8 @@ metadata_sync (struct qcow *q)
   bool lazy = q->dirty_bit_set;   /* refcounts need no ordering */
   int r;
 
+  if (q->rct_switch_pending && (r = rct_commit_switch (q)) < 0)
+    return r;                   /* nothing may point past it before */
   if (!l1dirty && !l2dirty && !rcdirty)
     return 0;
   if (rcdirty) {

@@ -344,12 +344,16 @@ move_multi (struct qcow *q, bool l1, struct qcow_compact_result *res)
     rc_free (q, first, n);
     return r;
   }
-  if (l1)
-    q->h.l1_table_offset = first << q->cluster_bits;
-  else
-    q->h.refcount_table_offset = first << q->cluster_bits;
-  if ((r = header_write_fields (q, l1 ? 40 : 48, 8)) < 0 || (r = io_sync (q)) < 0)
+  uint64_t *field = l1 ? &q->h.l1_table_offset : &q->h.refcount_table_offset;
+  *field = first << q->cluster_bits;
+  if ((r = header_write_fields (q, l1 ? 40 : 48, 8)) < 0 || (r = io_sync (q)) < 0) {
+    /* Stay where we were, on disk too (the new header may be in the page
+     * cache): the copy is simply not used. */
+    *field = old << q->cluster_bits;
+    header_write_fields (q, l1 ? 40 : 48, 8);
+    rc_free (q, first, n);
     return r;
+  }
   res->copied += n * cs / 512;
   res->refs_updated++;
   return rc_free (q, old, n);

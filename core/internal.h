@@ -151,6 +151,11 @@ struct qcow {
   uint64_t *rct;           /* refcount table, host-endian */
   uint64_t rct_entries;
   bool rct_dirty;
+  /* The refcount table moved in memory; the header does not point to it
+   * on disk yet (metadata_sync finishes the move before anything else). */
+  bool rct_switch_pending;
+  uint64_t rct_old_off;
+  uint32_t rct_old_clusters;
   struct cache l2c, rbc;
 
   uint64_t file_size;      /* bytes known to exist (max written end) */
@@ -227,6 +232,7 @@ int rc_free (struct qcow *q, uint64_t cluster, uint64_t n);
 void rc_defer_free (struct qcow *q, uint64_t cluster);
 int rc_apply_deferred (struct qcow *q);
 int rc_rebuild (struct qcow *q);
+int rct_commit_switch (struct qcow *q);
 int rc_write_structure (int fd, const char *file, unsigned cluster_bits,
                         unsigned refcount_order, const uint16_t *counts,
                         uint64_t nclusters, uint64_t *rct_offset, uint32_t *rct_clusters,
@@ -281,5 +287,6 @@ int sc_clear (struct qcow *q, uint64_t gc, uint64_t mask, bool trim, bool unlink
               bool *must_write);
 uint64_t sc_units (struct qcow *q, uint64_t gc, uint64_t from, uint64_t to);
 int metadata_sync (struct qcow *q);
+int write_rct (struct qcow *q);
 
 #endif /* QCOW_INTERNAL_H */

@@ -169,8 +169,12 @@ grow_rct (struct qcow *q, uint64_t need)
     free (tab);
     return r;
   }
-  uint64_t old_off = q->h.refcount_table_offset;
-  uint32_t old_clusters = q->h.refcount_table_clusters;
+  q->rct_old_off = q->h.refcount_table_offset;
+  q->rct_old_clusters = q->h.refcount_table_clusters;
+  q->rct_switch_pending = true;
+  /* No eviction (hence no metadata_sync) until the move is complete. */
+  size_t saved_max = q->rbc.max;
+  q->rbc.max += B + 16;
   free (q->rct);
   q->rct = tab;
   q->rct_entries = entries;
@@ -187,33 +191,38 @@ grow_rct (struct qcow *q, uint64_t need)
     tab[i] = next << q->cluster_bits;
     r = cache_get (q, &q->rbc, i, tab[i], true, &e);
     if (r < 0)
-      return r;
+      break;
     next++;
   }
-  for (uint64_t c = start; c < next; c++)
-    if ((r = rc_set (q, c, 1)) < 0)
-      return r;
+  for (uint64_t c = start; r == 0 && c < next; c++)
+    r = rc_set (q, c, 1);
+  q->rbc.max = saved_max;
+  if (r < 0)
+    return r;
   if (next > q->frontier)
     q->frontier = next;
+  qcow_debugf ("%s: refcount table grown to %" PRIu64 " entries at 0x%" PRIx64,
+               q->filename, entries, q->h.refcount_table_offset);
+  return rct_commit_switch (q);
+}
 
-  /* Blocks and table durable, then the header, then free the old table. */
-  if ((r = cache_write_dirty (q, &q->rbc)) < 0)
-    return r;
-  uint8_t *buf = malloc (T * cs);
-  if (!buf)
-    return -ENOMEM;
-  for (uint64_t i = 0; i < entries; i++)
-    wr64 (buf + 8 * i, tab[i]);
-  r = io_pwrite (q, buf, T * cs, q->h.refcount_table_offset);
-  free (buf);
-  if (r < 0 || (r = io_sync (q)) < 0)
+/* Finish moving the refcount table: blocks and table durable, then the
+ * header, then free the old table.  Retried by metadata_sync until it
+ * succeeds, before any other metadata is written. */
+int
+rct_commit_switch (struct qcow *q)
+{
+  int r;
+  if ((r = cache_write_dirty (q, &q->rbc)) < 0 || (r = write_rct (q)) < 0 ||
+      (r = io_sync (q)) < 0)
     return r;
   if ((r = header_write_fields (q, 48, 12)) < 0 || (r = io_sync (q)) < 0)
     return r;
-  q->rct_dirty = false;
-  qcow_debugf ("%s: refcount table grown to %" PRIu64 " entries at 0x%" PRIx64,
-               q->filename, entries, q->h.refcount_table_offset);
-  return rc_free (q, old_off >> q->cluster_bits, old_clusters);
+  q->rct_switch_pending = false;
+  /* Deferred, not freed here: this may run inside a cache eviction. */
+  for (uint32_t i = 0; i < q->rct_old_clusters; i++)
+    rc_defer_free (q, (q->rct_old_off >> q->cluster_bits) + i);
+  return 0;
 }
 
 /* Make sure the refcount block covering CLUSTER exists.  A new block is
