@@ -4,6 +4,20 @@
 
 #include "internal.h"
 
+/* L1 entry IDX changed in memory: write it back at the next sync. */
+void
+mark_l1_dirty (struct qcow *q, uint64_t idx)
+{
+  if (q->l1_dirty_hi <= q->l1_dirty_lo) {
+    q->l1_dirty_lo = idx;
+    q->l1_dirty_hi = idx + 1;
+  }
+  else {
+    if (idx < q->l1_dirty_lo) q->l1_dirty_lo = idx;
+    if (idx + 1 > q->l1_dirty_hi) q->l1_dirty_hi = idx + 1;
+  }
+}
+
 /* The cached L2 table for L1 index IDX; NULL in *EP if none is allocated
  * and !ALLOC.  With ALLOC the table is created if needed, and a table
  * that is about to be modified must not be shared. */
@@ -81,14 +95,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
     rc_defer_free (q, old >> q->cluster_bits);
   }
  l1_dirty:
-  if (q->l1_dirty_hi <= q->l1_dirty_lo) {
-    q->l1_dirty_lo = idx;
-    q->l1_dirty_hi = idx + 1;
-  }
-  else {
-    if (idx < q->l1_dirty_lo) q->l1_dirty_lo = idx;
-    if (idx + 1 > q->l1_dirty_hi) q->l1_dirty_hi = idx + 1;
-  }
+  mark_l1_dirty (q, idx);
   return 0;
 }
 

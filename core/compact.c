@@ -162,19 +162,6 @@ alloc_below (struct qcow *q, uint64_t limit, uint64_t *dst)
   return 0;
 }
 
-static void
-mark_l1_dirty (struct qcow *q, uint64_t idx)
-{
-  if (q->l1_dirty_hi <= q->l1_dirty_lo) {
-    q->l1_dirty_lo = idx;
-    q->l1_dirty_hi = idx + 1;
-  }
-  else {
-    if (idx < q->l1_dirty_lo) q->l1_dirty_lo = idx;
-    if (idx + 1 > q->l1_dirty_hi) q->l1_dirty_hi = idx + 1;
-  }
-}
-
 /* Move one table cluster (L2 table or refcount block): its content is in
  * the cache, so only its location and the pointer to it change; the
  * ordered write-back puts the table before the pointer. */

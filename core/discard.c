@@ -125,15 +125,11 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
 int
 qcow_discard (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
 {
-  int r = check_range (q, count, offset);
+  int r = check_write_range (q, count, offset);
   if (r < 0 || !q->cfg.discard)
     return r;
   if (q->backing_path && q->h.version < 3)
     return 0;     /* no zero flag: unlinking would expose the backing file */
-  if (q->read_only) {
-    ERR (q, "image is open read-only");
-    return -EROFS;
-  }
   uint64_t n;
   pthread_rwlock_rdlock (&q->io_lock);
   r = clear_range (q, count, offset, true, CLEAR_UNLINK, false, &n);
@@ -204,13 +200,9 @@ zero_partial (struct qcow *q, uint64_t count, uint64_t offset)
 int
 qcow_zero (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
 {
-  int r = check_range (q, count, offset);
+  int r = check_write_range (q, count, offset);
   if (r < 0)
     return r;
-  if (q->read_only) {
-    ERR (q, "image is open read-only");
-    return -EROFS;
-  }
   const uint64_t cs = q->cluster_size, us = 1ULL << q->sc_bits;
   enum clear_mode mode = (flags & QCOW_MAY_TRIM) && q->cfg.discard
     ? CLEAR_UNLINK : CLEAR_ZERO_KEEP;

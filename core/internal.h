@@ -182,6 +182,7 @@ void qcow_debugf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
 
 /* ---- qcow.c ---- */
 int check_range (struct qcow *q, size_t count, uint64_t offset);
+int check_write_range (struct qcow *q, size_t count, uint64_t offset);
 int begin_modify (struct qcow *q);
 int lock_change (struct qcow *q, int fd, const char *what,
                  enum qcow_lock *state, enum qcow_lock to);
@@ -288,5 +289,6 @@ int sc_clear (struct qcow *q, uint64_t gc, uint64_t mask, bool trim, bool unlink
 uint64_t sc_units (struct qcow *q, uint64_t gc, uint64_t from, uint64_t to);
 int metadata_sync (struct qcow *q);
 int write_rct (struct qcow *q);
+void mark_l1_dirty (struct qcow *q, uint64_t idx);
 
 #endif /* QCOW_INTERNAL_H */

@@ -155,15 +155,22 @@ qcow_create (const char *path, const struct qcow_create_opts *o, bool overwrite)
 
 /* ---- connect / disconnect ---- */
 static void
+stop_background (struct qcow *q)
+{
+  if (!q->bg_running)
+    return;
+  pthread_mutex_lock (&q->lock);
+  q->bg_stop = true;
+  pthread_cond_broadcast (&q->bg_cond);
+  pthread_mutex_unlock (&q->lock);
+  pthread_join (q->bg_thread, NULL);
+  q->bg_running = false;
+}
+
+static void
 qcow_free (struct qcow *q)
 {
-  if (q->bg_running) {
-    pthread_mutex_lock (&q->lock);
-    q->bg_stop = true;
-    pthread_cond_broadcast (&q->bg_cond);
-    pthread_mutex_unlock (&q->lock);
-    pthread_join (q->bg_thread, NULL);
-  }
+  stop_background (q);
   backing_close (q);
   snapshots_free (q);
   cache_free (&q->l2c);
@@ -575,14 +582,7 @@ int
 qcow_disconnect (struct qcow *q)
 {
   int r = 0;
-  if (q->bg_running) {
-    pthread_mutex_lock (&q->lock);
-    q->bg_stop = true;
-    pthread_cond_broadcast (&q->bg_cond);
-    pthread_mutex_unlock (&q->lock);
-    pthread_join (q->bg_thread, NULL);
-    q->bg_running = false;
-  }
+  stop_background (q);
   if (q->modified) {
     r = flush_all (q);
     pthread_mutex_lock (&q->lock);
@@ -626,6 +626,18 @@ qcow_get_stats (struct qcow *q, struct qcow_stats *st)
   pthread_mutex_lock (&q->lock);
   *st = q->stats;
   pthread_mutex_unlock (&q->lock);
+}
+
+/* The same, for a request that changes the image. */
+int
+check_write_range (struct qcow *q, size_t count, uint64_t offset)
+{
+  int r = check_range (q, count, offset);
+  if (r == 0 && q->read_only) {
+    ERR (q, "image is open read-only");
+    r = -EROFS;
+  }
+  return r;
 }
 
 int
@@ -849,13 +861,9 @@ int
 qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
             unsigned flags)
 {
-  int r = check_range (q, count, offset);
+  int r = check_write_range (q, count, offset);
   if (r < 0)
     return r;
-  if (q->read_only) {
-    ERR (q, "image is open read-only");
-    return -EROFS;
-  }
   __atomic_add_fetch (&q->stats.writes, 1, __ATOMIC_RELAXED);
   const uint8_t *p = buf;
   const uint64_t cs = q->cluster_size;
@@ -1117,13 +1125,7 @@ discard_tail (struct qcow *q, uint64_t from)
         return r;
       cache_drop (&q->l2c, idx);
       q->l1[idx] = 0;
-      if (q->l1_dirty_hi <= q->l1_dirty_lo) {
-        q->l1_dirty_lo = idx; q->l1_dirty_hi = idx + 1;
-      }
-      else {
-        if (idx < q->l1_dirty_lo) q->l1_dirty_lo = idx;
-        if (idx + 1 > q->l1_dirty_hi) q->l1_dirty_hi = idx + 1;
-      }
+      mark_l1_dirty (q, idx);
       rc_defer_free (q, off >> q->cluster_bits);
     }
   }
