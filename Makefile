@@ -108,7 +108,7 @@ FUZZ_SRCS := $(wildcard fuzz/fuzz-*.c)
 FUZZ_BINS := $(patsubst fuzz/%.c,build-fuzz/%,$(FUZZ_SRCS))
 FUZZ_CFLAGS = -std=gnu11 -g -O1 -fno-omit-frame-pointer -D_GNU_SOURCE -Icore \
               -fsanitize=fuzzer,address,undefined -Wall -Wextra -Werror
-build-fuzz/%: fuzz/%.c $(CORE_SRCS) core/*.h
+build-fuzz/%: fuzz/%.c $(CORE_SRCS) core/*.h fuzz/*.h
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -o $@ $< $(CORE_SRCS) $(LIBS)
 fuzz-build: $(FUZZ_BINS)

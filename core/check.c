@@ -1169,7 +1169,8 @@ parse_header (struct walk *w)
     r = -ENOTSUP;
     goto out;
   }
-  w->data_file = (incompat & QCOW_INCOMPAT_DATA_FILE) || data_file_ext;
+  w->data_file = incompat & QCOW_INCOMPAT_DATA_FILE;   /* a name alone is ignored, as QEMU does */
+  (void) data_file_ext;
   w->extl2 = incompat & QCOW_INCOMPAT_EXTL2;
   if (w->extl2 && h->cluster_bits < 14) {
     fail (res, "extended L2 entries need clusters of at least 16 KiB");
