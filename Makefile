@@ -34,7 +34,7 @@ MAN     := nbdkit-qcow-plugin.1
 
 # Debian packages needed to build, test and benchmark.
 DEPS_BUILD = gcc clang make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev perl
-DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools fdisk e2fsprogs
+DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools fdisk e2fsprogs valgrind
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 .PHONY: all deps run check bench install clean fuzz fuzz-build unit

@@ -640,9 +640,16 @@ case_relative ()
 # Encrypted images: refused, also read-only, and never modified.
 case_encrypted ()
 {
-    local secret=(--object secret,id=sec0,data=abc)
-    create luks.qcow2 16M "${secret[@]}" \
-           -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=200
+    local secret=(--object secret,id=sec0,data=abc) try
+    # QEMU times its key derivation and gives up ("Unable to get accurate
+    # CPU usage") when the machine is busy: try a few times.
+    for try in 1 2 3 4 5; do
+        qemu-img create -q -f qcow2 "${secret[@]}" \
+            -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=200 \
+            luks.qcow2 16M && break
+        [ $try -lt 5 ] || die "qemu-img create luks.qcow2 failed 5 times"
+        sleep 1
+    done
     local files=(luks.qcow2)
     if qemu-img create -q -f qcow2 "${secret[@]}" -o encrypt.format=aes,encrypt.key-secret=sec0 \
             aes.qcow2 16M 2>/dev/null ||
