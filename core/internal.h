@@ -230,6 +230,7 @@ int rc_get (struct qcow *q, uint64_t cluster, uint64_t *rc);
 int rc_set (struct qcow *q, uint64_t cluster, uint64_t rc);
 int rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fresh);
 int rc_free (struct qcow *q, uint64_t cluster, uint64_t n);
+int rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first);
 void rc_defer_free (struct qcow *q, uint64_t cluster);
 int rc_apply_deferred (struct qcow *q);
 int rc_rebuild (struct qcow *q);

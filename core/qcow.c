@@ -1040,8 +1040,7 @@ static int
 grow_l1 (struct qcow *q, uint64_t entries)
 {
   const uint64_t cs = q->cluster_size;
-  uint64_t nclusters = div_round_up (entries * 8, cs), first, got;
-  bool fresh;
+  uint64_t nclusters = div_round_up (entries * 8, cs), first;
   int r;
   if (entries * 8 > QCOW_MAX_L1_BYTES) {
     ERR (q, "new size needs an L1 table larger than %u bytes", QCOW_MAX_L1_BYTES);
@@ -1049,16 +1048,8 @@ grow_l1 (struct qcow *q, uint64_t entries)
   }
   if ((r = metadata_sync (q)) < 0)             /* L2 tables before the new L1 */
     return r;
-  for (;;) {                                    /* contiguous clusters */
-    if ((r = rc_alloc (q, nclusters, &first, &got, &fresh)) < 0)
-      return r;
-    if (got == nclusters)
-      break;
-    /* too short a run: keep it allocated to skip it, free it afterwards */
-    rc_defer_free (q, first);
-    for (uint64_t i = 1; i < got; i++)
-      rc_defer_free (q, first + i);
-  }
+  if ((r = rc_alloc_contiguous (q, nclusters, &first)) < 0)
+    return r;
   uint64_t *l1 = calloc (nclusters * cs / 8, 8);
   if (!l1)
     return -ENOMEM;

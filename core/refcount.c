@@ -317,6 +317,75 @@ rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fres
   }
 }
 
+/* Allocate N contiguous clusters past everything in use (for a table
+ * that must be contiguous, like a new L1 table).  Refcount blocks placed
+ * at the start of their own range would cut any run longer than a block
+ * covers, so the missing ones go right after the run instead. */
+int
+rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first)
+{
+  uint64_t start = div_round_up (q->file_size, q->cluster_size), B = 0, end;
+  int r;
+  if (q->frontier > start)
+    start = q->frontier;
+  for (int iter = 0;; iter++) {
+    if (iter > 64) {
+      ERR (q, "internal error: contiguous allocation does not converge");
+      return -EIO;
+    }
+    uint64_t used = 0;
+    if ((r = first_used (q, start, n + B, &used)) < 0)
+      return r;
+    if (used < start + n + B) {
+      start = used + 1;
+      iter--;
+      continue;
+    }
+    end = start + n + B;
+    uint64_t last = (end - 1) >> q->rb_bits;
+    if (last >= q->rct_entries) {
+      if ((r = grow_rct (q, last)) < 0)
+        return r;
+      start = div_round_up (q->file_size, q->cluster_size);
+      if (q->frontier > start)
+        start = q->frontier;
+      B = 0;
+      continue;
+    }
+    uint64_t missing = 0;
+    for (uint64_t i = start >> q->rb_bits; i <= last; i++)
+      missing += q->rct[i] == 0;
+    if (missing <= B)
+      break;
+    B = missing;
+  }
+  if (end << q->cluster_bits > QCOW_MAX_HOST_OFFSET) {
+    ERR (q, "image is full: host offset limit reached");
+    return -ENOSPC;
+  }
+  uint64_t next = start + n;
+  for (uint64_t i = start >> q->rb_bits; i <= (end - 1) >> q->rb_bits; i++) {
+    if (q->rct[i] != 0)
+      continue;
+    struct centry *e;
+    q->rct[i] = next << q->cluster_bits;
+    q->rct_dirty = true;
+    if ((r = cache_get (q, &q->rbc, i, q->rct[i], true, &e)) < 0) {
+      q->rct[i] = 0;
+      return r;
+    }
+    next++;
+  }
+  for (uint64_t c = start; c < next; c++)
+    if ((r = rc_set (q, c, 1)) < 0)
+      return r;
+  if (next > q->frontier)
+    q->frontier = next;
+  q->stats.clusters_allocated += n;
+  *first = start;
+  return 0;
+}
+
 /* Drop one reference from each of N clusters. */
 int
 rc_free (struct qcow *q, uint64_t cluster, uint64_t n)
