@@ -233,6 +233,13 @@ int rc_free (struct qcow *q, uint64_t cluster, uint64_t n);
 int rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first);
 void rc_defer_free (struct qcow *q, uint64_t cluster);
 int rc_apply_deferred (struct qcow *q);
+struct freeing {           /* deferred frees being applied (flush_all) */
+  uint64_t *c; size_t n;   /* image clusters losing a reference, sorted */
+  uint64_t *punch; size_t npunch;   /* those to punch out of the file */
+};
+int rc_deferred_take (struct qcow *q, size_t n, struct freeing *f);
+void rc_deferred_punch (struct qcow *q, struct freeing *f);
+int rc_deferred_finish (struct qcow *q, struct freeing *f);
 int rc_rebuild (struct qcow *q);
 int rct_commit_switch (struct qcow *q);
 int rc_write_structure (int fd, const char *file, unsigned cluster_bits,

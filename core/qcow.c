@@ -493,21 +493,25 @@ flush_all (struct qcow *q)
   if (r == 0 && durable > 0) {
     /* The removals are durable: let the space be reused once no request
      * that looked up an old mapping is still in flight. */
+    struct freeing f;
     pthread_rwlock_wrlock (&q->io_lock);
     pthread_mutex_lock (&q->lock);
-    size_t later = q->npending - durable;
-    uint64_t *later_list = NULL;
-    if (later && (later_list = malloc (later * 8)))
-      memcpy (later_list, q->pending_free + durable, later * 8);
-    q->npending = durable;
-    r = rc_apply_deferred (q);
-    if (later_list) {
-      for (size_t i = 0; i < later; i++)
-        rc_defer_free (q, later_list[i]);
-      free (later_list);
-    }
+    r = rc_deferred_take (q, durable, &f);
     pthread_mutex_unlock (&q->lock);
     pthread_rwlock_unlock (&q->io_lock);
+    /* Hole punching is slow (the kernel drops cached pages, and may
+     * discard on the device): done with no lock held, while the clusters
+     * are still counted so nothing can reuse them. */
+    if (r == 0)
+      rc_deferred_punch (q, &f);
+    pthread_mutex_lock (&q->lock);
+    if (r == 0)
+      r = rc_deferred_finish (q, &f);
+    else {
+      free (f.c);
+      free (f.punch);
+    }
+    pthread_mutex_unlock (&q->lock);
   }
   pthread_mutex_unlock (&q->flush_lock);
   if (r == 0 && q->cfg.runtime_asserts) {

@@ -446,7 +446,7 @@ punch_runs (struct qcow *q, bool data, uint64_t *c, size_t n)
       ;
     uint64_t len = (j - i) << q->cluster_bits;
     if (io_punch (q, data, c[i] << q->cluster_bits, len) == 0)
-      q->stats.bytes_punched += len;
+      __atomic_add_fetch (&q->stats.bytes_punched, len, __ATOMIC_RELAXED);
   }
 }
 
@@ -492,6 +492,83 @@ rc_apply_deferred (struct qcow *q)
   }
   free (img);
   free (data);
+  return r;
+}
+
+/* The same in three steps, so that the slow part, punching holes, runs
+ * with no lock held (flush_all):
+ *   take   (locks held, nothing in flight): the first N deferred entries
+ *          leave the list; data-file clusters (not refcounted: they could
+ *          be written again at once) are punched right away; image
+ *          clusters whose last references these are go on a punch list;
+ *   punch  (no lock): they are still counted, so nothing can reuse them;
+ *   finish (q->lock): drop the references. */
+int
+rc_deferred_take (struct qcow *q, size_t n, struct freeing *f)
+{
+  memset (f, 0, sizeof *f);
+  if (n > q->npending)
+    n = q->npending;
+  f->c = malloc (n * sizeof *f->c + 1);
+  f->punch = malloc (n * sizeof *f->punch + 1);
+  uint64_t *data = malloc (n * sizeof *data + 1);
+  int r = 0;
+  if (!f->c || !f->punch || !data) {
+    free (data);
+    return -ENOMEM;
+  }
+  size_t ndata = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint64_t c = q->pending_free[i];
+    if (c & DEFER_DATA_FILE) {
+      struct cmap m;
+      c &= ~DEFER_DATA_FILE;
+      if ((r = l2_lookup (q, c, &m)) < 0)
+        break;
+      if (m.kind == C_UNALLOC || m.kind == C_ZERO)
+        data[ndata++] = c;
+    }
+    else
+      f->c[f->n++] = c;
+  }
+  if (r == 0) {
+    memmove (q->pending_free, q->pending_free + n, (q->npending - n) * sizeof *q->pending_free);
+    q->npending -= n;
+    if (q->cfg.discard)
+      punch_runs (q, true, data, ndata);
+    /* Punch an image cluster only if all its references go now. */
+    qsort (f->c, f->n, sizeof *f->c, cmp_u64);
+    for (size_t i = 0, j; r == 0 && i < f->n; i = j) {
+      for (j = i + 1; j < f->n && f->c[j] == f->c[i]; j++)
+        ;
+      uint64_t rc;
+      if ((r = rc_get (q, f->c[i], &rc)) == 0 && rc == j - i)
+        f->punch[f->npunch++] = f->c[i];
+    }
+  }
+  free (data);
+  return r;
+}
+
+void
+rc_deferred_punch (struct qcow *q, struct freeing *f)
+{
+  if (q->cfg.discard)
+    punch_runs (q, false, f->punch, f->npunch);
+}
+
+int
+rc_deferred_finish (struct qcow *q, struct freeing *f)
+{
+  int r = 0;
+  for (size_t i = 0; r == 0 && i < f->n; i++) {
+    uint64_t rc;
+    if ((r = rc_free (q, f->c[i], 1)) == 0 && (r = rc_get (q, f->c[i], &rc)) == 0 && rc == 0)
+      q->stats.freed++;
+  }
+  free (f->c);
+  free (f->punch);
+  f->c = f->punch = NULL;
   return r;
 }
 

@@ -140,16 +140,24 @@ sc_write (struct qcow *q, const uint8_t *p, uint64_t len, uint64_t offset,
   q->inflight = &f;
   pthread_mutex_unlock (&q->lock);
 
-  /* The units touched, with the partial ones filled from what they read
-   * now; for copy-on-write the whole old cluster comes along. */
-  uint64_t start = cow ? 0 : u0 * us, end = cow ? cs : (u1 + 1) * us;
+  /* The bytes written, and around them the rest of any partial unit that
+   * is not yet allocated, filled from what it reads now (zeros or the
+   * backing file).  Allocated units are never read and rewritten here: an
+   * in-place writer that looked them up before this cluster was marked in
+   * flight may still be writing into them.  For copy-on-write (a shared
+   * cluster, which nobody writes in place) the whole old cluster comes
+   * along. */
+  bool head = (in & (us - 1)) && unit_state (m, u0) != U_ALLOC;
+  bool tail = ((in + len) & (us - 1)) && unit_state (m, u1) != U_ALLOC;
+  uint64_t start = cow ? 0 : head ? u0 * us : in;
+  uint64_t end = cow ? cs : tail ? (u1 + 1) * us : in + len;
   uint8_t *buf = malloc (end - start);
   r = buf ? 0 : -ENOMEM;
   if (r == 0 && cow)
     r = io_dpread (q, buf, cs, old);
-  if (r == 0 && (in & (us - 1)))
+  if (r == 0 && head)
     r = unit_base (q, m, gc, u0, buf + u0 * us - start);
-  if (r == 0 && ((in + len) & (us - 1)) && (u1 != u0 || !(in & (us - 1))))
+  if (r == 0 && tail && (u1 != u0 || !head))
     r = unit_base (q, m, gc, u1, buf + u1 * us - start);
   if (r == 0) {
     memcpy (buf + in - start, p, len);
