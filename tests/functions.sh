@@ -177,6 +177,32 @@ stop_server ()
 
 # kill_pid PID: SIGTERM, wait up to 60 s, then SIGKILL.  The process need
 # not be a child of this shell.
+# start_child NBDKIT-ARGS...: nbdkit in the foreground as a child of this
+# shell on $sock (so that the test can wait for its exit status, or kill
+# it by PID for a crash test), killed at exit if still running; its
+# messages go to $SERVER_LOG if set (truncated), else to our stderr (a
+# daemonized nbdkit would send them to /dev/null).  Waits until it serves.
+# Sets $SERVER_PID.
+start_child ()
+{
+    local i
+    rm -f "$sock" "$sock.pid"
+    if [ -n "${SERVER_LOG:-}" ]; then
+        nbdkit -f -U "$sock" -P "$sock.pid" "$@" 2>"$SERVER_LOG" &
+    else
+        nbdkit -f -U "$sock" -P "$sock.pid" "$@" &
+    fi
+    SERVER_PID=$!
+    on_exit "kill_pid $SERVER_PID"
+    for (( i = 0; i < 600; i++ )); do
+        [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if declare -F fail >/dev/null; then fail "nbdkit did not start: $*"; fi
+    die "nbdkit did not start: $*"
+}
+
 kill_pid ()
 {
     local pid=$1 i

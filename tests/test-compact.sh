@@ -58,22 +58,8 @@ file_size ()
 SERVER_PID=
 on_exit '[ -n "$SERVER_PID" ] && kill -9 "$SERVER_PID" 2>/dev/null'
 
-# start_child NBDKIT-ARGS...: nbdkit in the foreground as a child of this
-# shell on $sock (so that we get its exit status), debug messages to
-# $TMPD/server.log.  Sets $SERVER_PID.
-start_child ()
-{
-    local i
-    rm -f "$sock" "$sock.pid"
-    nbdkit -f -v -D qcow.verbose=1 -U "$sock" -P "$sock.pid" "$@" 2>"$TMPD/server.log" &
-    SERVER_PID=$!
-    for (( i = 0; i < 600; i++ )); do
-        [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    fail "nbdkit did not start: $*"
-}
+# Its debug messages (compaction runs) go here.
+SERVER_LOG="$TMPD/server.log"
 
 # hung WHAT: the server (or its client) made no progress for a minute:
 # show where the server's threads are in the plugin (if gdb is there),
@@ -204,7 +190,7 @@ load ()
     local img="$TMPD/load.qcow2" log="$TMPD/server.log" status=0
     local seed=$((SEED + cluster))
     echo "== under load: cluster $cluster, $size, ${seconds}s, $conns connections, compact-after-unmaps=$threshold (seed $seed) (${SECONDS}s)"
-    start_child "$QCOW_SO" file="$img" create=true size="$size" \
+    start_child -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size="$size" \
         cluster-size="$cluster" compact-after-unmaps="$threshold"
     timeout 60 $py "$TESTS_DIR/random-model.py" "$sock" --seed "$seed" \
         --cluster "$cluster" --seconds "$seconds" --out "$TMPD/model" \
@@ -248,7 +234,7 @@ for (( round = 1; round <= rounds; round++ )); do
     echo "== kill -9 round $round: seed $seed, cluster $cluster, ${mode#--}, kill within ${kill_after}s (${SECONDS}s)"
     rm -f "$img"
     # Lazy refcounts off: refcounts on disk must be right at every moment.
-    start_child "$QCOW_SO" file="$img" create=true size=16M cluster-size=$cluster \
+    start_child -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size=16M cluster-size=$cluster \
         lazy-refcounts=false compact-after-unmaps=1M
     extra=()
     [ $mode = --quiet ] && extra=(--quiet)

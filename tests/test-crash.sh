@@ -41,24 +41,6 @@ sock="$TMPD/sock"
 img="$TMPD/crash.qcow2"
 state="$TMPD/state.json"
 
-# start_child NBDKIT-ARGS...: start nbdkit in the foreground as a child of
-# this shell on $sock, its messages going to our stderr (a daemonized
-# nbdkit sends them to /dev/null), and wait until it serves.  Sets
-# $SERVER_PID.
-start_child ()
-{
-    local i
-    rm -f "$sock" "$sock.pid"
-    nbdkit -f -U "$sock" -P "$sock.pid" "$@" &
-    SERVER_PID=$!
-    on_exit "kill_pid $SERVER_PID"
-    for (( i = 0; i < 600; i++ )); do
-        [ -s "$sock.pid" ] && [ -S "$sock" ] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    fail "nbdkit did not start: $*"
-}
 
 # json_leaks IMG: the number of leaked clusters qemu-img check finds.
 # QEMU looks only at clusters inside the file, but a crash can leave
