@@ -64,6 +64,56 @@ clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
   return 0;
 }
 
+/* clear_cluster for the clusters [gc, gend) of one L2 table at a time:
+ * the common entries (unallocated, zero, plain data in an unshared
+ * table, no allocation in flight, no external data file) are handled in
+ * place, for speed (a whole-disk zero touches every entry).  Returns the
+ * first cluster not handled, left to clear_cluster (which also reports
+ * invalid entries). */
+static uint64_t
+clear_table (struct qcow *q, uint64_t gc, uint64_t gend, bool trim,
+             enum clear_mode mode, uint64_t *nclusters)
+{
+  const uint64_t cs = q->cluster_size, idx = gc >> q->l2_bits;
+  const bool v3 = q->h.version >= 3, backing = q->backing_path != NULL;
+  struct centry *e;
+  if (q->data_path || q->inflight || !(q->l1[idx] & ENTRY_COPIED) ||
+      l2_get_table (q, idx, false, &e) < 0 || !e)
+    return gc;
+  bool dirty = false;
+  for (; gc < gend; gc++) {
+    uint8_t *p = L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1));
+    uint64_t ent = rd64 (p), off = ent & L2_OFFSET_MASK;
+    bool zero = v3 && (ent & ENTRY_ZERO);
+    if ((ent & ENTRY_COMPRESSED) ||
+        (off && (off % cs != 0 || off < cs || off >= q->file_size)))
+      break;
+    if (!off) {
+      if (!zero && backing && !trim)
+        break;                  /* zero flag over the backing file */
+      (*nclusters)++;           /* reads as zeros, or (trim) as before */
+      continue;
+    }
+    if (mode == CLEAR_ZERO_KEEP && (ent & ENTRY_COPIED)) {
+      if (!zero) {
+        if (!v3)
+          break;                /* v2: zeros must be written */
+        wr64 (p, off | ENTRY_ZERO | ENTRY_COPIED);
+        dirty = true;
+      }
+      (*nclusters)++;
+      continue;
+    }
+    wr64 (p, backing || (mode == CLEAR_ZERO_KEEP && v3) ? ENTRY_ZERO : 0);
+    dirty = true;
+    rc_defer_free (q, off >> q->cluster_bits);
+    (*nclusters)++;
+  }
+  if (dirty)
+    cache_mark_dirty (&q->l2c, e);
+  return gc;
+}
+
 /* Apply MODE to the whole clusters inside [offset, offset+count); return
  * in *HEAD / *TAIL the partial edges left over. */
 static int
@@ -99,6 +149,12 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
     return r;
   }
   for (uint64_t gc = first; r == 0 && gc < end; gc++) {
+    uint64_t tend = ((gc >> q->l2_bits) + 1) << q->l2_bits;
+    uint64_t next = clear_table (q, gc, tend < end ? tend : end, trim, mode, nclusters);
+    if (next > gc) {
+      gc = next - 1;
+      continue;
+    }
     if (inflight_find (q, gc)) {          /* wait for the allocation */
       pthread_cond_wait (&q->alloc_cond, &q->lock);
       gc--;

@@ -141,10 +141,17 @@ struct qcow {
   pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
   pthread_mutex_t compact_lock;  /* one compaction at a time */
   pthread_mutex_t flush_lock;    /* one flush_all at a time */
-  pthread_t bg_thread;     /* background compaction */
+  pthread_t bg_thread;     /* background hole punching and compaction */
   bool bg_running, bg_stop;
   pthread_cond_t bg_cond;
   uint64_t bg_freed_mark;  /* stats.freed at the last compaction */
+  /* Frees taken by flush_all whose holes the background thread punches
+   * (their clusters stay counted, so unusable, until it has). */
+  struct punch_job *punch_head, **punch_tail;
+  bool punch_busy;         /* the thread is punching (lock dropped) */
+  uint64_t punch_gen;      /* + 1 each time it gave clusters back */
+  pthread_cond_t punch_cond;     /* signalled then */
+  int bg_error;            /* its first error, for the next flush to return */
 
   uint64_t *l1;            /* active L1, host-endian; l1_size entries */
   uint64_t l1_dirty_lo, l1_dirty_hi;   /* dirty index range [lo, hi) */
@@ -178,6 +185,7 @@ struct qcow {
 void qcow_errorf (const char *file, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 void qcow_debugf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+extern __thread bool qcow_in_background;   /* set in the background thread */
 #define ERR(q, ...) qcow_errorf ((q)->filename, __VA_ARGS__)
 
 /* ---- qcow.c ---- */
@@ -237,8 +245,15 @@ struct freeing {           /* deferred frees being applied (flush_all) */
   uint64_t *c; size_t n;   /* image clusters losing a reference, sorted */
   uint64_t *punch; size_t npunch;   /* those to punch out of the file */
 };
+struct punch_job {
+  struct freeing f;
+  struct punch_job *next;
+};
 int rc_deferred_take (struct qcow *q, size_t n, struct freeing *f);
+int rc_deferred_plan (struct qcow *q, struct freeing *f);
 void rc_deferred_punch (struct qcow *q, struct freeing *f);
+void rc_deferred_punch_part (struct qcow *q, struct freeing *f, size_t i, size_t k);
+int rc_deferred_drop (struct qcow *q, struct freeing *f, size_t *i, uint64_t last);
 int rc_deferred_finish (struct qcow *q, struct freeing *f);
 int rc_rebuild (struct qcow *q);
 int rct_commit_switch (struct qcow *q);

@@ -91,6 +91,16 @@ fault_from_env (void)
       qcow_debug_inject (i, strtoull (nth, NULL, 10), e ? e : EIO, sw, pers);
 }
 
+__thread bool qcow_in_background;
+
+/* Injected faults say when they hit the background thread, whose errors
+ * reach clients only at the next flush. */
+static const char *
+where (void)
+{
+  return qcow_in_background ? " in the background thread" : "";
+}
+
 int
 io_pread_fd (int fd, const char *file, void *buf, size_t count, uint64_t offset,
              bool zero_past_eof)
@@ -98,7 +108,7 @@ io_pread_fd (int fd, const char *file, void *buf, size_t count, uint64_t offset,
   uint8_t *p = buf;
   int f = fault (QCOW_FAULT_READ, NULL);
   if (f < 0) {
-    qcow_errorf (file, "read at offset %" PRIu64 ": %s (injected)", offset, strerror (-f));
+    qcow_errorf (file, "read at offset %" PRIu64 ": %s (injected)%s", offset, strerror (-f), where ());
     return f;
   }
   while (count > 0) {
@@ -140,7 +150,7 @@ io_pwrite_fd (int fd, const char *file, const void *buf, size_t count,
   if (f < 0) {
     if (torn && count > 1 && pwrite (fd, p, count / 2, (off_t) offset) < 0)
       f = -errno;
-    qcow_errorf (file, "write at offset %" PRIu64 ": %s (injected)", offset, strerror (-f));
+    qcow_errorf (file, "write at offset %" PRIu64 ": %s (injected)%s", offset, strerror (-f), where ());
     return f;
   }
   while (count > 0) {
@@ -193,7 +203,7 @@ pwritev_fd (struct qcow *q, int fd, const char *file, struct iovec *iov, int iov
   if (f < 0) {
     if (torn && iov[0].iov_len > 1 && pwrite (fd, iov[0].iov_base, iov[0].iov_len / 2, (off_t) off) < 0)
       f = -errno;
-    qcow_errorf (file, "write at offset %" PRIu64 ": %s (injected)", off, strerror (-f));
+    qcow_errorf (file, "write at offset %" PRIu64 ": %s (injected)%s", off, strerror (-f), where ());
     return f;
   }
   while (iovcnt > 0) {
@@ -254,7 +264,7 @@ io_sync (struct qcow *q)
 {
   int f = fault (QCOW_FAULT_SYNC, NULL);
   if (f < 0) {
-    ERR (q, "fdatasync: %s (injected)", strerror (-f));
+    ERR (q, "fdatasync: %s (injected)%s", strerror (-f), where ());
     return f;
   }
   __atomic_store_n (&q->data_unsynced, false, __ATOMIC_RELAXED);

@@ -183,6 +183,7 @@ qcow_free (struct qcow *q)
   pthread_mutex_destroy (&q->compact_lock);
   pthread_mutex_destroy (&q->flush_lock);
   pthread_cond_destroy (&q->bg_cond);
+  pthread_cond_destroy (&q->punch_cond);
   free (q->l1);
   free (q->rct);
   free (q->pending_free);
@@ -272,6 +273,8 @@ connect_chain (const char *path, const struct qcow_config *cfg,
   pthread_mutex_init (&q->compact_lock, NULL);
   pthread_mutex_init (&q->flush_lock, NULL);
   pthread_cond_init (&q->bg_cond, NULL);
+  pthread_cond_init (&q->punch_cond, NULL);
+  q->punch_tail = &q->punch_head;
   pthread_rwlockattr_t attr;
   pthread_rwlockattr_init (&attr);
   pthread_rwlockattr_setkind_np (&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -470,6 +473,78 @@ begin_modify (struct qcow *q)
   return 0;
 }
 
+/* Hand F over to the background thread, if it runs and this is not it
+ * (compaction, in that thread, needs its frees done before it goes on).
+ * False if the caller must punch and finish F itself. */
+static bool
+punch_in_background (struct qcow *q, struct freeing *f)
+{
+  struct punch_job *j;
+  if (!q->bg_running || !q->cfg.discard ||
+      pthread_equal (pthread_self (), q->bg_thread) || !(j = malloc (sizeof *j)))
+    return false;
+  j->f = *f;
+  j->next = NULL;
+  pthread_mutex_lock (&q->lock);
+  bool ok = !q->bg_stop;
+  if (ok) {
+    *q->punch_tail = j;
+    q->punch_tail = &j->next;
+    pthread_cond_broadcast (&q->bg_cond);
+  }
+  pthread_mutex_unlock (&q->lock);
+  if (!ok)
+    free (j);
+  return ok;
+}
+
+/* Bytes punched at a time before the clusters are given back: a writer
+ * that needs a new cluster while the file would otherwise grow waits for
+ * one such part (a few milliseconds), see wait_for_punching. */
+#define PUNCH_PART (32u << 20)
+
+/* Punch and finish every queued job.  With q->lock held (dropped while
+ * punching). */
+static void
+punch_queued (struct qcow *q)
+{
+  struct punch_job *j;
+  size_t part = PUNCH_PART >> q->cluster_bits;
+  if (part == 0)
+    part = 1;
+  while ((j = q->punch_head) != NULL) {
+    if (!(q->punch_head = j->next))
+      q->punch_tail = &q->punch_head;
+    size_t i = 0, ci = 0;
+    int r = rc_deferred_plan (q, &j->f);
+    q->punch_busy = true;
+    while (r == 0 && i < j->f.npunch) {
+      size_t k = j->f.npunch - i > part ? i + part : j->f.npunch;
+      pthread_mutex_unlock (&q->lock);
+      rc_deferred_punch_part (q, &j->f, i, k);
+      pthread_mutex_lock (&q->lock);
+      r = rc_deferred_drop (q, &j->f, &ci, j->f.punch[k - 1]);
+      q->punch_gen++;
+      pthread_cond_broadcast (&q->punch_cond);
+      i = k;
+    }
+    if (r == 0)                 /* the references to unpunched clusters */
+      r = rc_deferred_drop (q, &j->f, &ci, UINT64_MAX);
+    free (j->f.c);
+    free (j->f.punch);
+    if (r < 0) {    /* the references stay: leaked clusters, no harm */
+      ERR (q, "background: dropping references after punching holes "
+           "failed: %s", strerror (-r));
+      if (!q->bg_error)
+        q->bg_error = r;
+    }
+    q->punch_busy = false;
+    q->punch_gen++;
+    pthread_cond_broadcast (&q->punch_cond);
+    free (j);
+  }
+}
+
 /* Metadata out, deferred frees applied, everything durable. */
 int
 flush_all (struct qcow *q)
@@ -499,21 +574,41 @@ flush_all (struct qcow *q)
     r = rc_deferred_take (q, durable, &f);
     pthread_mutex_unlock (&q->lock);
     pthread_rwlock_unlock (&q->io_lock);
-    /* Hole punching is slow (the kernel drops cached pages, and may
-     * discard on the device): done with no lock held, while the clusters
-     * are still counted so nothing can reuse them. */
-    if (r == 0)
-      rc_deferred_punch (q, &f);
-    pthread_mutex_lock (&q->lock);
-    if (r == 0)
-      r = rc_deferred_finish (q, &f);
+    /* Hole punching is slow (the kernel frees the blocks, drops cached
+     * pages, may discard on the device: about a second for 4 GiB on
+     * ext4): it is done with no lock held, while the clusters are still
+     * counted so nothing can reuse them, and, where the background
+     * thread runs, by that thread, so that the flush (a client's, which
+     * asked only for durability) does not wait for it. */
+    if (r == 0 && f.n > 0 && punch_in_background (q, &f))
+      ;
     else {
-      free (f.c);
-      free (f.punch);
+      if (r == 0) {
+        pthread_mutex_lock (&q->lock);
+        r = rc_deferred_plan (q, &f);
+        pthread_mutex_unlock (&q->lock);
+      }
+      if (r == 0)
+        rc_deferred_punch (q, &f);
+      pthread_mutex_lock (&q->lock);
+      if (r == 0)
+        r = rc_deferred_finish (q, &f);
+      else {
+        free (f.c);
+        free (f.punch);
+      }
+      pthread_mutex_unlock (&q->lock);
     }
-    pthread_mutex_unlock (&q->lock);
   }
   pthread_mutex_unlock (&q->flush_lock);
+  if (r == 0 && !qcow_in_background) {
+    /* An error of the background thread (it leaked clusters at worst)
+     * is reported by the next flush: never swallowed. */
+    pthread_mutex_lock (&q->lock);
+    r = q->bg_error;
+    q->bg_error = 0;
+    pthread_mutex_unlock (&q->lock);
+  }
   if (r == 0 && q->cfg.runtime_asserts) {
     /* The invariant behind crash safety: what is on disk is consistent
      * (leaks allowed) after every flush. */
@@ -538,18 +633,25 @@ qcow_flush (struct qcow *q)
   return flush_all (q);
 }
 
-/* Background compaction: once compact_after_unmaps bytes were freed
- * (or are waiting to be), compact. */
+/* The background thread: punches the holes of flushed frees, and, once
+ * compact_after_unmaps bytes were freed (or are waiting to be), compacts.
+ * On stop it punches what is queued before it ends. */
 static void *
 bg_main (void *arg)
 {
   struct qcow *q = arg;
+  qcow_in_background = true;
   pthread_mutex_lock (&q->lock);
-  while (!q->bg_stop) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_sec += 1;
-    pthread_cond_timedwait (&q->bg_cond, &q->lock, &ts);
+  while (!q->bg_stop || q->punch_head) {
+    if (!q->punch_head && !q->bg_stop) {
+      struct timespec ts;
+      clock_gettime (CLOCK_REALTIME, &ts);
+      ts.tv_sec += 1;
+      pthread_cond_timedwait (&q->bg_cond, &q->lock, &ts);
+    }
+    punch_queued (q);
+    if (!q->cfg.compact_after_unmaps)
+      continue;
     uint64_t freed = (q->stats.freed - q->bg_freed_mark + q->npending) * q->cluster_size;
     if (q->bg_stop || freed < q->cfg.compact_after_unmaps)
       continue;
@@ -571,11 +673,12 @@ bg_main (void *arg)
 int
 qcow_start_background (struct qcow *q)
 {
-  if (q->read_only || q->cfg.compact_after_unmaps == 0 || q->bg_running)
+  if (q->read_only || (!q->cfg.discard && q->cfg.compact_after_unmaps == 0) ||
+      q->bg_running)
     return 0;
   int e = pthread_create (&q->bg_thread, NULL, bg_main, q);
   if (e) {
-    ERR (q, "cannot start the compaction thread: %s", strerror (e));
+    ERR (q, "cannot start the background thread: %s", strerror (e));
     return -e;
   }
   q->bg_running = true;
@@ -861,6 +964,22 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
   return r;
 }
 
+/* A write needs a new cluster, none is known to be free below the end
+ * of the file, and the background thread is punching the holes of freed
+ * clusters: rather than grow the file, wait (q->lock dropped) until it
+ * gives back its current part of them.  True if it waited. */
+static bool
+wait_for_punching (struct qcow *q)
+{
+  if (!q->punch_busy || q->free_hint < q->frontier ||
+      pthread_equal (pthread_self (), q->bg_thread))
+    return false;
+  uint64_t gen = q->punch_gen;
+  while (q->punch_busy && q->punch_gen == gen)
+    pthread_cond_wait (&q->punch_cond, &q->lock);
+  return true;
+}
+
 int
 qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
             unsigned flags)
@@ -914,6 +1033,8 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
       r = io_dpwrite (q, p, len, m.host + in);
       pthread_mutex_lock (&q->lock);
     }
+    else if (wait_for_punching (q))
+      continue;                 /* look again */
     else
       r = write_alloc (q, p, count, offset, &m, &len);
     if (r < 0)

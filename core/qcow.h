@@ -161,8 +161,10 @@ struct qcow_compact_result {
 typedef void (*qcow_progress_fn) (int percent, void *opaque);
 int qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
                   struct qcow_compact_result *res);
-/* Start / stop the background compaction thread (when
- * compact_after_unmaps is set).  Start it after any fork. */
+/* Start the background thread (stopped by qcow_disconnect): it punches
+ * the holes of clusters freed by a flush (with cfg.discard; without the
+ * thread the flush punches them itself) and compacts once
+ * compact_after_unmaps bytes were freed.  Start it after any fork. */
 int qcow_start_background (struct qcow *q);
 
 /* QEMU-compatible image locking (with cfg.locking).  qcow_connect takes

@@ -495,12 +495,13 @@ rc_apply_deferred (struct qcow *q)
   return r;
 }
 
-/* The same in three steps, so that the slow part, punching holes, runs
- * with no lock held (flush_all):
+/* The same in steps, so that the slow part, punching holes, runs with
+ * no lock held (flush_all, or the background thread):
  *   take   (locks held, nothing in flight): the first N deferred entries
  *          leave the list; data-file clusters (not refcounted: they could
- *          be written again at once) are punched right away; image
- *          clusters whose last references these are go on a punch list;
+ *          be written again at once) are punched right away;
+ *   plan   (q->lock): image clusters whose last references these are go
+ *          on a punch list;
  *   punch  (no lock): they are still counted, so nothing can reuse them;
  *   finish (q->lock): drop the references. */
 int
@@ -536,36 +537,70 @@ rc_deferred_take (struct qcow *q, size_t n, struct freeing *f)
     q->npending -= n;
     if (q->cfg.discard)
       punch_runs (q, true, data, ndata);
-    /* Punch an image cluster only if all its references go now. */
-    qsort (f->c, f->n, sizeof *f->c, cmp_u64);
-    for (size_t i = 0, j; r == 0 && i < f->n; i = j) {
-      for (j = i + 1; j < f->n && f->c[j] == f->c[i]; j++)
-        ;
-      uint64_t rc;
-      if ((r = rc_get (q, f->c[i], &rc)) == 0 && rc == j - i)
-        f->punch[f->npunch++] = f->c[i];
-    }
   }
   free (data);
   return r;
 }
 
+/* Which of F's clusters to punch: those whose references all go with F
+ * (other freeings of the same cluster not yet finished keep its count
+ * higher: then it is not punched, which is safe).  With q->lock held;
+ * the slow part of a big freeing, so not done by rc_deferred_take, under
+ * the exclusive I/O lock. */
+int
+rc_deferred_plan (struct qcow *q, struct freeing *f)
+{
+  int r = 0;
+  bool sorted = true;
+  for (size_t i = 1; sorted && i < f->n; i++)
+    sorted = f->c[i - 1] <= f->c[i];
+  if (!sorted)
+    qsort (f->c, f->n, sizeof *f->c, cmp_u64);
+  f->npunch = 0;
+  for (size_t i = 0, j; r == 0 && i < f->n; i = j) {
+    for (j = i + 1; j < f->n && f->c[j] == f->c[i]; j++)
+      ;
+    uint64_t rc;
+    if ((r = rc_get (q, f->c[i], &rc)) == 0 && rc == j - i)
+      f->punch[f->npunch++] = f->c[i];
+  }
+  return r;
+}
+
+/* Punch F->punch[i..k) (all of it: rc_deferred_punch). */
+void
+rc_deferred_punch_part (struct qcow *q, struct freeing *f, size_t i, size_t k)
+{
+  if (q->cfg.discard && i < k)
+    punch_runs (q, false, f->punch + i, k - i);
+}
+
 void
 rc_deferred_punch (struct qcow *q, struct freeing *f)
 {
-  if (q->cfg.discard)
-    punch_runs (q, false, f->punch, f->npunch);
+  rc_deferred_punch_part (q, f, 0, f->npunch);
+}
+
+/* Drop the references F->c[*I..] to clusters up to LAST (F->c is sorted),
+ * advancing *I: a freeing punched a part at a time gives back each part
+ * once it is punched. */
+int
+rc_deferred_drop (struct qcow *q, struct freeing *f, size_t *i, uint64_t last)
+{
+  int r = 0;
+  for (; r == 0 && *i < f->n && f->c[*i] <= last; (*i)++) {
+    uint64_t rc;
+    if ((r = rc_free (q, f->c[*i], 1)) == 0 && (r = rc_get (q, f->c[*i], &rc)) == 0 && rc == 0)
+      q->stats.freed++;
+  }
+  return r;
 }
 
 int
 rc_deferred_finish (struct qcow *q, struct freeing *f)
 {
-  int r = 0;
-  for (size_t i = 0; r == 0 && i < f->n; i++) {
-    uint64_t rc;
-    if ((r = rc_free (q, f->c[i], 1)) == 0 && (r = rc_get (q, f->c[i], &rc)) == 0 && rc == 0)
-      q->stats.freed++;
-  }
+  size_t i = 0;
+  int r = rc_deferred_drop (q, f, &i, UINT64_MAX);
   free (f->c);
   free (f->punch);
   f->c = f->punch = NULL;

@@ -124,6 +124,22 @@ def blocks(img):
     return os.stat(img).st_blocks * 512
 
 
+def blocks_after_punching(img, enough, timeout=20.0):
+    """st_blocks once the server's background thread has punched the
+    holes of a flush: when ENOUGH(bytes) holds, or when the count has not
+    moved for a second, or after TIMEOUT seconds."""
+    t0 = last_change = time.monotonic()
+    b = blocks(img)
+    while not enough(b) and time.monotonic() - t0 < timeout:
+        time.sleep(0.02)
+        nb = blocks(img)
+        if nb != b:
+            b, last_change = nb, time.monotonic()
+        elif time.monotonic() - last_change > 1.0:
+            break
+    return b
+
+
 def save(model, path):
     with open(path, "wb") as f:
         f.write(model)
@@ -248,7 +264,14 @@ def cmd_trim(args):
     uoff, un = 24 * MiB + c // 2 + 3, 2 * c + c // 3
     h.trim(un, uoff)
     h.flush()
-    after = blocks(args.image)
+    # The flush returns once the trims are durable; the holes are punched
+    # by the server's background thread right after.
+    if args.discard:
+        c_low = 16 * MiB - c if c >= 4096 else 12 * MiB
+        after = blocks_after_punching(args.image, lambda b: before - b >= c_low)
+    else:
+        time.sleep(1)
+        after = blocks(args.image)
     freed = before - after
     if args.discard:
         model[8 * MiB:24 * MiB] = bytes(16 * MiB)
