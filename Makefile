@@ -30,6 +30,7 @@ UNIT_BINS := $(patsubst tests/%.c,$(O)/tests/%,$(UNIT_SRCS))
 
 PLUGIN  := $(O)/qcow.so
 TOOL    := $(O)/qcow-tool
+FLOOR   := $(O)/bench-floor.so
 MAN     := nbdkit-qcow-plugin.1
 
 # Debian packages needed to build, test and benchmark.
@@ -38,7 +39,7 @@ DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools fdisk e2f
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 .PHONY: all deps run check bench install clean fuzz fuzz-build unit
-all: $(PLUGIN) $(TOOL) $(MAN)
+all: $(PLUGIN) $(TOOL) $(MAN) $(FLOOR)
 
 $(O)/obj/core/%.o: core/%.c core/*.h
 	@mkdir -p $(dir $@)
@@ -58,6 +59,10 @@ $(O)/libqcowcore.a: $(CORE_OBJS)
 
 $(PLUGIN): $(O)/obj/plugin/qcow.o $(O)/libqcowcore.a
 	$(CC) -shared $(LDFLAGS_SAN) -o $@ $^ $(LIBS)
+
+# bench/floor.c: a plugin that does no work, nbdkit's own cost in the bench.
+$(FLOOR): bench/floor.c
+	$(CC) $(ALL_CFLAGS) -shared $(LDFLAGS_SAN) -o $@ $<
 
 $(TOOL): $(O)/obj/tool/qcow-tool.o $(O)/libqcowcore.a
 	$(CC) $(LDFLAGS_SAN) -o $@ $^ $(LIBS)
@@ -122,5 +127,5 @@ install: all
 	install -D -m 644 $(MAN) $(DESTDIR)$(PREFIX)/share/man/man1/$(MAN)
 
 clean:
-	rm -rf obj build-san build-fuzz tests/unit-*.o qcow.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
+	rm -rf obj build-san build-fuzz tests/unit-*.o qcow.so bench-floor.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
 	rm -rf ./tests/bin

@@ -18,6 +18,7 @@ results=$bench/results
 runs=${BENCH_RUNS:-3}
 plugin_args=(${BENCH_PLUGIN_ARGS:-})
 so=$(realpath -m "${QCOW_BUILD:-$top}/qcow.so")
+floor_so=$(realpath -m "${QCOW_BUILD:-$top}/bench-floor.so")
 out=${BENCH_OUT:?bench/lib.sh: run the sections through bench/run}
 py=/usr/bin/python3
 
@@ -52,6 +53,10 @@ trap 'exit 130' INT TERM
 if [[ -f $so ]]; then
     cp "$so" "$data/qcow.so"
     so=$data/qcow.so
+fi
+if [[ -f $floor_so ]]; then
+    cp "$floor_so" "$data/bench-floor.so"
+    floor_so=$data/bench-floor.so
 fi
 
 # require_space BYTES: the image directory must have that much free.
@@ -91,6 +96,9 @@ start_server () {
         qemu-unmap)     # a reference where discarding matters
                 cmd=(qemu-nbd "${ro[@]}" -k "$sock" "${qemu_opts[@]}" --discard=unmap "$img") ;;
         raw)    cmd=(nbdkit -f "${ro[@]}" -U "$sock" --exit-with-parent file file="$img") ;;
+        floor)  # nbdkit's own cost: a plugin that does no work (bench/floor.c);
+                # IMG is ignored, the arguments say what it serves
+                cmd=(nbdkit -f "${ro[@]}" -U "$sock" --exit-with-parent "$floor_so" "$@") ;;
         *)      die "unknown server $server" ;;
     esac
     "${cmd[@]}" >"$data/server.log" 2>&1 &

@@ -203,6 +203,9 @@ def versus(path):
     # qemu-unmap: qemu-nbd --discard=unmap, a reference in some rows.
     unmap = any("qemu-unmap" in row or ("qemu-unmap", "fail") in row
                 for row in rows)
+    # floor: bench/floor.c, an nbdkit plugin that does no work: the best
+    # any nbdkit plugin can do, and its speed-up the best one possible.
+    floor = any("floor" in row or ("floor", "fail") in row for row in rows)
 
     def speedup(row, p, q):
         return ratio(q, p) if row["unit"] == "s" else ratio(p, q)
@@ -222,10 +225,15 @@ def versus(path):
         if unmap:
             u, u_text = cell(row, "qemu-unmap")
             line += [u_text, speedup(row, p, u)]
+        if floor:
+            f, f_text = cell(row, "floor")
+            line += [f_text, speedup(row, f, q)]
         lines.append(line + [rss_cell(row, "plugin"), rss_cell(row, "qemu")])
     head = ["", "plugin", "qemu-nbd", "speed-up", "target", "met"]
     if unmap:
         head += ["qemu-nbd --discard=unmap", "speed-up vs it"]
+    if floor:
+        head += ["nbdkit floor", "floor's speed-up"]
     print("\n".join(markdown(
         head + ["plugin peak RSS, MiB", "qemu-nbd peak RSS, MiB"], lines)))
 
