@@ -501,7 +501,7 @@ punch_in_background (struct qcow *q, struct freeing *f)
 /* Bytes punched at a time before the clusters are given back: a writer
  * that needs a new cluster while the file would otherwise grow waits for
  * one such part (a few milliseconds), see wait_for_punching. */
-#define PUNCH_PART (32u << 20)
+#define PUNCH_PART (8u << 20)
 
 /* Punch and finish every queued job.  With q->lock held (dropped while
  * punching). */
