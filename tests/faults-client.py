@@ -464,6 +464,7 @@ def sweep(mode, spec, failures):
     runs = 0
     last_fired = 0
     bad = 0
+    bg = 0                  # runs where it fired in the background thread
     t0 = time.time()
     for n in sweep_values(sparse=bool(flags) or LAZY):
         if n > limit:
@@ -471,7 +472,8 @@ def sweep(mode, spec, failures):
         runs += 1
         try:
             if mode == "serve":
-                    fired, _ = run_serve(op, flags, n, rw_again=(n % 7 == 0))
+                fired, events = run_serve(op, flags, n, rw_again=(n % 7 == 0))
+                bg += any(e.endswith("+") for e in events)
             else:
                 fired = run_compact(op, flags, n)
         except Failure as e:
@@ -485,7 +487,8 @@ def sweep(mode, spec, failures):
         if not fired:
             break
         last_fired = n
-    print(f"{mode} {spec}: {runs} runs, fault fired for N up to {last_fired}, "
+    in_bg = f" ({bg} of them in the background thread)" if bg else ""
+    print(f"{mode} {spec}: {runs} runs, fault fired for N up to {last_fired}{in_bg}, "
           f"{bad} failed, {time.time() - t0:.1f}s", flush=True)
 
 
