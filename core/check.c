@@ -325,16 +325,12 @@ add_fix (struct walk *w, uint64_t off, uint64_t val, enum fix_tag tag)
     refuse (w, "too many damaged entries");
     return;
   }
-  if (w->fx.n == w->fx.cap) {
-    size_t cap = w->fx.cap ? w->fx.cap * 2 : 64;
-    struct fix *v = realloc (w->fx.v, cap * sizeof *v);
-    if (!v) {
-      refuse (w, "out of memory");
-      return;
-    }
-    w->fx.v = v;
-    w->fx.cap = cap;
+  struct fix *v = grow_array (w->fx.v, w->fx.n, &w->fx.cap, sizeof *v, 64);
+  if (!v) {
+    refuse (w, "out of memory");
+    return;
   }
+  w->fx.v = v;
   w->fx.v[w->fx.n] = (struct fix) { off, val, tag, w->fx.n };
   w->fx.n++;
   if (tag == FIX_CLEAR)
@@ -495,16 +491,12 @@ add_doubt (struct walk *w, uint64_t src, uint64_t ent, enum ref k)
     clear_entry (w, src, k, true);
     return;
   }
-  if (w->ndoubts == w->doubtcap) {
-    size_t cap = w->doubtcap ? w->doubtcap * 2 : 16;
-    struct doubt *d = realloc (w->doubts, cap * sizeof *d);
-    if (!d) {
-      refuse (w, "out of memory");
-      return;
-    }
-    w->doubts = d;
-    w->doubtcap = cap;
+  struct doubt *d = grow_array (w->doubts, w->ndoubts, &w->doubtcap, sizeof *d, 16);
+  if (!d) {
+    refuse (w, "out of memory");
+    return;
   }
+  w->doubts = d;
   w->doubts[w->ndoubts++] = (struct doubt) { src, ent, k };
 }
 
@@ -1081,9 +1073,9 @@ parse_header (struct walk *w)
           ? "bad magic" : "truncated header");
     goto out;
   }
-  memset (h, 0, sizeof *h);
-  h->version = rd32 (buf + 4);
-  h->cluster_bits = rd32 (buf + 20);
+  uint64_t backing_off;
+  uint32_t backing_len;
+  header_read_fields (buf, h, &backing_off, &backing_len);
   if (h->version != 2 && h->version != 3) {
     fail (res, "unsupported qcow2 version %" PRIu32, h->version);
     r = -ENOTSUP;
@@ -1099,24 +1091,7 @@ parse_header (struct walk *w)
     r = w->err;
     goto out;
   }
-  uint64_t backing_off = rd64 (buf + 8);
-  uint32_t backing_len = rd32 (buf + 16);
-  h->size = rd64 (buf + 24);
-  h->crypt_method = rd32 (buf + 32);
-  h->l1_size = rd32 (buf + 36);
-  h->l1_table_offset = rd64 (buf + 40);
-  h->refcount_table_offset = rd64 (buf + 48);
-  h->refcount_table_clusters = rd32 (buf + 56);
-  h->nb_snapshots = rd32 (buf + 60);
-  h->snapshots_offset = rd64 (buf + 64);
-  h->refcount_order = 4;
-  h->header_length = QCOW_V2_HEADER_LEN;
   if (h->version == 3) {
-    h->incompatible_features = rd64 (buf + 72);
-    h->compatible_features = rd64 (buf + 80);
-    h->autoclear_features = rd64 (buf + 88);
-    h->refcount_order = rd32 (buf + 96);
-    h->header_length = rd32 (buf + 100);
     if (h->header_length < 104 || h->header_length > cs ||
         h->header_length > w->file_size) {
       fail (res, "header_length %" PRIu32 " is invalid", h->header_length);
@@ -1393,14 +1368,10 @@ fixes_merge (struct fixes *plan, struct fixes *round)
         plan->v[k].tag = f->tag;
       continue;
     }
-    if (plan->n == plan->cap) {
-      size_t cap = plan->cap ? plan->cap * 2 : 64;
-      struct fix *v = realloc (plan->v, cap * sizeof *v);
-      if (!v)
-        return -ENOMEM;
-      plan->v = v;
-      plan->cap = cap;
-    }
+    struct fix *v = grow_array (plan->v, plan->n, &plan->cap, sizeof *v, 64);
+    if (!v)
+      return -ENOMEM;
+    plan->v = v;
     memmove (&plan->v[k + 1], &plan->v[k], (plan->n - k) * sizeof *plan->v);
     plan->v[k] = *f;
     plan->n++;

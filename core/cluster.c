@@ -104,9 +104,19 @@ l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
 {
   struct centry *e;
   int r = l2_get_table (q, gc >> q->l2_bits, false, &e);
-  memset (m, 0, sizeof *m);
-  if (r < 0)
+  if (r < 0) {
+    memset (m, 0, sizeof *m);
     return r;
+  }
+  return l2_decode (q, gc, e, m);
+}
+
+/* Guest cluster GC's mapping from its L2 table E (NULL: none allocated),
+ * validated. */
+int
+l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
+{
+  memset (m, 0, sizeof *m);
   if (!e) {
     m->kind = q->extl2 ? C_SUBCL : C_UNALLOC;
     return 0;
@@ -209,9 +219,16 @@ l2_set (struct qcow *q, uint64_t gc, uint64_t entry)
   int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
   if (r < 0)
     return r;
+  l2_set_in (q, e, gc, entry);
+  return 0;
+}
+
+/* The same in E, GC's L2 table, already in hand (and not shared). */
+void
+l2_set_in (struct qcow *q, struct centry *e, uint64_t gc, uint64_t entry)
+{
   wr64 (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
   cache_mark_dirty (&q->l2c, e);
-  return 0;
 }
 
 static int

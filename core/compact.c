@@ -36,14 +36,10 @@ struct srclist {
 static int
 add_source (struct srclist *l, uint64_t host, enum src_kind kind, uint64_t key)
 {
-  if (l->n == l->cap) {
-    size_t cap = l->cap ? l->cap * 2 : 256;
-    struct source *v = realloc (l->v, cap * sizeof *v);
-    if (!v)
-      return -ENOMEM;
-    l->v = v;
-    l->cap = cap;
-  }
+  struct source *v = grow_array (l->v, l->n, &l->cap, sizeof *v, 256);
+  if (!v)
+    return -ENOMEM;
+  l->v = v;
   l->v[l->n++] = (struct source) { host, kind, key };
   return 0;
 }

@@ -8,41 +8,51 @@ enum clear_mode {
   CLEAR_ZERO_KEEP,   /* reads as zeros, host cluster kept (v3 zero flag) */
 };
 
-/* Make whole guest cluster GC read as zeros (zero), or give up its data
- * (trim).  With q->lock held.  Sets *WRITE_HOST when zeros must be
- * written in place (v2 has no zero flag).  With a backing file (v3 only,
- * see qcow_zero/qcow_discard) unlinking would expose the backing data, so
- * the zero flag is used instead. */
+/* Set GC's L2 entry, in its table E when the caller has it in hand (and
+ * unshared), else through l2_set (which copies a shared table). */
 static int
-clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
-               uint64_t *write_host)
+set_entry (struct qcow *q, struct centry *e, uint64_t gc, uint64_t ent)
 {
-  struct cmap m;
+  if (!e)
+    return l2_set (q, gc, ent);
+  l2_set_in (q, e, gc, ent);
+  return 0;
+}
+
+/* Make whole guest cluster GC, mapped as M, read as zeros (zero), or give
+ * up its data (trim).  With q->lock held; E as for set_entry.  Sets
+ * *WRITE_HOST when zeros must be written in place (v2 has no zero flag;
+ * then nothing was changed, unless the image has a raw data file).  With
+ * a backing file (v3 only, see qcow_zero/qcow_discard) unlinking would
+ * expose the backing data, so the zero flag is used instead. */
+static int
+clear_mapped (struct qcow *q, uint64_t gc, const struct cmap *m,
+              struct centry *e, bool trim, enum clear_mode mode,
+              uint64_t *write_host)
+{
   bool backing = q->backing_path != NULL;
-  int r = l2_lookup (q, gc, &m);
+  int r;
   *write_host = 0;
-  if (r < 0)
-    return r;
-  switch (m.kind) {
+  switch (m->kind) {
   case C_SUBCL:                 /* handled by sc_clear */
   case C_ZERO:
     return 0;                   /* already reads as zeros */
   case C_UNALLOC:
     if (!backing || trim)
       return 0;                 /* zeros, or (trim) what it showed before */
-    return l2_set (q, gc, ENTRY_ZERO);
+    return set_entry (q, e, gc, ENTRY_ZERO);
   case C_ZERO_ALLOC:
-    if (mode == CLEAR_ZERO_KEEP && m.copied)
+    if (mode == CLEAR_ZERO_KEEP && m->copied)
       return 0;
     break;
   case C_DATA:
     if (q->data_raw && !trim)
       mode = CLEAR_ZERO_KEEP;   /* the raw data file must read zeros too */
-    if (mode == CLEAR_ZERO_KEEP && m.copied) {
+    if (mode == CLEAR_ZERO_KEEP && m->copied) {
       if (q->data_raw || q->h.version < 3)
-        *write_host = m.host;
+        *write_host = m->host;
       if (q->h.version >= 3)
-        return l2_set (q, gc, m.host | ENTRY_ZERO | ENTRY_COPIED);
+        return set_entry (q, e, gc, m->host | ENTRY_ZERO | ENTRY_COPIED);
       return 0;
     }
     break;
@@ -53,64 +63,51 @@ clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
    * as zeros on v3 and cannot be kept), and drop the reference once the
    * unlink is durable. */
   uint64_t ent = backing || (mode == CLEAR_ZERO_KEEP && q->h.version >= 3) ? ENTRY_ZERO : 0;
-  if ((r = l2_set (q, gc, ent)) < 0)
+  if ((r = set_entry (q, e, gc, ent)) < 0)
     return r;
-  if (m.kind == C_COMPRESSED)
-    compressed_defer_free (q, m.host);
+  if (m->kind == C_COMPRESSED)
+    compressed_defer_free (q, m->host);
   else if (q->data_path)
-    rc_defer_free (q, (m.host >> q->cluster_bits) | DEFER_DATA_FILE);
+    rc_defer_free (q, (m->host >> q->cluster_bits) | DEFER_DATA_FILE);
   else
-    rc_defer_free (q, m.host >> q->cluster_bits);
+    rc_defer_free (q, m->host >> q->cluster_bits);
   return 0;
 }
 
-/* clear_cluster for the clusters [gc, gend) of one L2 table at a time:
- * the common entries (unallocated, zero, plain data in an unshared
- * table, no allocation in flight, no external data file) are handled in
- * place, for speed (a whole-disk zero touches every entry).  Returns the
- * first cluster not handled, left to clear_cluster (which also reports
- * invalid entries). */
+static int
+clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
+               uint64_t *write_host)
+{
+  struct cmap m;
+  int r = l2_lookup (q, gc, &m);
+  *write_host = 0;
+  return r < 0 ? r : clear_mapped (q, gc, &m, NULL, trim, mode, write_host);
+}
+
+/* clear_cluster for the clusters [gc, gend) of one L2 table, the table
+ * looked up once (a whole-disk zero touches every entry): when it is
+ * allocated and unshared, no allocation is in flight and there is no
+ * external data file.  Returns the first cluster not handled, left to
+ * clear_cluster (one that needs zeros written, or all of them when the
+ * table does not qualify). */
 static uint64_t
 clear_table (struct qcow *q, uint64_t gc, uint64_t gend, bool trim,
-             enum clear_mode mode, uint64_t *nclusters)
+             enum clear_mode mode, uint64_t *nclusters, int *r)
 {
-  const uint64_t cs = q->cluster_size, idx = gc >> q->l2_bits;
-  const bool v3 = q->h.version >= 3, backing = q->backing_path != NULL;
+  const uint64_t idx = gc >> q->l2_bits;
   struct centry *e;
+  *r = 0;
   if (q->data_path || q->inflight || !(q->l1[idx] & ENTRY_COPIED) ||
       l2_get_table (q, idx, false, &e) < 0 || !e)
     return gc;
-  bool dirty = false;
   for (; gc < gend; gc++) {
-    uint8_t *p = L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1));
-    uint64_t ent = rd64 (p), off = ent & L2_OFFSET_MASK;
-    bool zero = v3 && (ent & ENTRY_ZERO);
-    if ((ent & ENTRY_COMPRESSED) ||
-        (off && (off % cs != 0 || off < cs || off >= q->file_size)))
+    struct cmap m;
+    uint64_t host;
+    if ((*r = l2_decode (q, gc, e, &m)) < 0 ||
+        (*r = clear_mapped (q, gc, &m, e, trim, mode, &host)) < 0 || host)
       break;
-    if (!off) {
-      if (!zero && backing && !trim)
-        break;                  /* zero flag over the backing file */
-      (*nclusters)++;           /* reads as zeros, or (trim) as before */
-      continue;
-    }
-    if (mode == CLEAR_ZERO_KEEP && (ent & ENTRY_COPIED)) {
-      if (!zero) {
-        if (!v3)
-          break;                /* v2: zeros must be written */
-        wr64 (p, off | ENTRY_ZERO | ENTRY_COPIED);
-        dirty = true;
-      }
-      (*nclusters)++;
-      continue;
-    }
-    wr64 (p, backing || (mode == CLEAR_ZERO_KEEP && v3) ? ENTRY_ZERO : 0);
-    dirty = true;
-    rc_defer_free (q, off >> q->cluster_bits);
     (*nclusters)++;
   }
-  if (dirty)
-    cache_mark_dirty (&q->l2c, e);
   return gc;
 }
 
@@ -150,7 +147,9 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
   }
   for (uint64_t gc = first; r == 0 && gc < end; gc++) {
     uint64_t tend = ((gc >> q->l2_bits) + 1) << q->l2_bits;
-    uint64_t next = clear_table (q, gc, tend < end ? tend : end, trim, mode, nclusters);
+    uint64_t next = clear_table (q, gc, tend < end ? tend : end, trim, mode, nclusters, &r);
+    if (r < 0)
+      break;
     if (next > gc) {
       gc = next - 1;
       continue;

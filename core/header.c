@@ -45,6 +45,41 @@ overlaps (uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
   return a < b + blen && b < a + alen;
 }
 
+/* The header's fields as BUF holds them (at least 104 bytes), not
+ * validated: the version 3 fields only for version 3 (version 2 gets its
+ * implied refcount order and header length); the backing file name's
+ * offset and length go to *BACKING_OFF and *BACKING_LEN.  Shared by
+ * header_parse and the tolerant reading of qcow_check_file. */
+void
+header_read_fields (const uint8_t *buf, struct qcow_header *h,
+                    uint64_t *backing_off, uint32_t *backing_len)
+{
+  memset (h, 0, sizeof *h);
+  h->version = rd32 (buf + 4);
+  *backing_off = rd64 (buf + 8);
+  *backing_len = rd32 (buf + 16);
+  h->cluster_bits = rd32 (buf + 20);
+  h->size = rd64 (buf + 24);
+  h->crypt_method = rd32 (buf + 32);
+  h->l1_size = rd32 (buf + 36);
+  h->l1_table_offset = rd64 (buf + 40);
+  h->refcount_table_offset = rd64 (buf + 48);
+  h->refcount_table_clusters = rd32 (buf + 56);
+  h->nb_snapshots = rd32 (buf + 60);
+  h->snapshots_offset = rd64 (buf + 64);
+  if (h->version == 3) {
+    h->incompatible_features = rd64 (buf + 72);
+    h->compatible_features = rd64 (buf + 80);
+    h->autoclear_features = rd64 (buf + 88);
+    h->refcount_order = rd32 (buf + 96);
+    h->header_length = rd32 (buf + 100);
+  }
+  else {
+    h->refcount_order = 4;
+    h->header_length = QCOW_V2_HEADER_LEN;
+  }
+}
+
 /* Parse BUF (the first cluster, or the whole file if smaller; zero padded
  * to at least 4096 bytes) into q->h and derived fields, validating every
  * field against FILE_SIZE and sane limits. */
@@ -62,33 +97,12 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
          file_size);
     return -EINVAL;
   }
-  memset (h, 0, sizeof *h);
-  h->version = rd32 (buf + 4);
+  uint64_t backing_off;
+  uint32_t backing_len;
+  header_read_fields (buf, h, &backing_off, &backing_len);
   if (h->version != 2 && h->version != 3) {
     ERR (q, "unsupported qcow2 version %" PRIu32 " (only 2 and 3)", h->version);
     return -ENOTSUP;
-  }
-  uint64_t backing_off = rd64 (buf + 8);
-  uint32_t backing_len = rd32 (buf + 16);
-  h->cluster_bits = rd32 (buf + 20);
-  h->size = rd64 (buf + 24);
-  h->crypt_method = rd32 (buf + 32);
-  h->l1_size = rd32 (buf + 36);
-  h->l1_table_offset = rd64 (buf + 40);
-  h->refcount_table_offset = rd64 (buf + 48);
-  h->refcount_table_clusters = rd32 (buf + 56);
-  h->nb_snapshots = rd32 (buf + 60);
-  h->snapshots_offset = rd64 (buf + 64);
-  if (h->version == 2) {
-    h->refcount_order = 4;
-    h->header_length = QCOW_V2_HEADER_LEN;
-  }
-  else {
-    h->incompatible_features = rd64 (buf + 72);
-    h->compatible_features = rd64 (buf + 80);
-    h->autoclear_features = rd64 (buf + 88);
-    h->refcount_order = rd32 (buf + 96);
-    h->header_length = rd32 (buf + 100);
   }
 
   if (h->cluster_bits < QCOW_MIN_CLUSTER_BITS ||

@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 #include <endian.h>
 #include <sys/types.h>
@@ -185,6 +186,21 @@ struct qcow {
 void qcow_errorf (const char *file, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 void qcow_debugf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+/* V (N elements of SIZE bytes used, *CAP allocated) with room for one
+ * more: the same array, or a bigger one (the first holds FIRST), or NULL
+ * (V untouched) if memory ran out. */
+static inline void *
+grow_array (void *v, size_t n, size_t *cap, size_t size, size_t first)
+{
+  if (n < *cap)
+    return v;
+  size_t c = *cap ? *cap * 2 : first;
+  void *p = realloc (v, c * size);
+  if (p)
+    *cap = c;
+  return p;
+}
+
 extern __thread bool qcow_in_background;   /* set in the background thread */
 #define ERR(q, ...) qcow_errorf ((q)->filename, __VA_ARGS__)
 
@@ -214,6 +230,8 @@ int io_truncate (struct qcow *q, uint64_t size);
 void fault_from_env (void);
 
 /* ---- header.c ---- */
+void header_read_fields (const uint8_t *buf, struct qcow_header *h,
+                         uint64_t *backing_off, uint32_t *backing_len);
 int header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size);
 int header_write_fields (struct qcow *q, unsigned off, unsigned len);
 int header_set_incompat (struct qcow *q, uint64_t incompat);
@@ -295,8 +313,10 @@ struct cmap {
   uint64_t bitmap;         /* C_SUBCL: subcluster allocation/zero bits */
 };
 int l2_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
+int l2_decode (struct qcow *q, uint64_t gcluster, const struct centry *e, struct cmap *m);
 int l2_get_table (struct qcow *q, uint64_t l1_index, bool alloc, struct centry **ep);
 int l2_set (struct qcow *q, uint64_t gcluster, uint64_t entry);
+void l2_set_in (struct qcow *q, struct centry *e, uint64_t gcluster, uint64_t entry);
 int l2_set2 (struct qcow *q, uint64_t gcluster, uint64_t entry, uint64_t bitmap);
 
 /* ---- subcluster.c ---- */

@@ -503,44 +503,54 @@ punch_in_background (struct qcow *q, struct freeing *f)
  * one such part (a few milliseconds), see wait_for_punching. */
 #define PUNCH_PART (8u << 20)
 
-/* Punch and finish every queued job.  With q->lock held (dropped while
- * punching). */
+/* Apply F (from rc_deferred_take): punch its clusters a part at a time
+ * with q->lock dropped, giving each part back once it is punched, then
+ * drop the rest of its references.  With q->lock held; frees F's
+ * arrays.  On failure the references not dropped leak (no harm). */
+static int
+apply_freeing (struct qcow *q, struct freeing *f)
+{
+  size_t part = PUNCH_PART >> q->cluster_bits, i = 0, ci = 0;
+  if (part == 0)
+    part = 1;
+  int r = rc_deferred_plan (q, f);
+  q->punch_busy = true;
+  while (r == 0 && i < f->npunch) {
+    size_t k = f->npunch - i > part ? i + part : f->npunch;
+    pthread_mutex_unlock (&q->lock);
+    rc_deferred_punch_part (q, f, i, k);
+    pthread_mutex_lock (&q->lock);
+    r = rc_deferred_drop (q, f, &ci, f->punch[k - 1]);
+    q->punch_gen++;
+    pthread_cond_broadcast (&q->punch_cond);
+    i = k;
+  }
+  if (r == 0)                   /* the references to unpunched clusters */
+    r = rc_deferred_drop (q, f, &ci, UINT64_MAX);
+  free (f->c);
+  free (f->punch);
+  f->c = f->punch = NULL;
+  q->punch_busy = false;
+  q->punch_gen++;
+  pthread_cond_broadcast (&q->punch_cond);
+  return r;
+}
+
+/* Apply every queued job.  With q->lock held (dropped while punching). */
 static void
 punch_queued (struct qcow *q)
 {
   struct punch_job *j;
-  size_t part = PUNCH_PART >> q->cluster_bits;
-  if (part == 0)
-    part = 1;
   while ((j = q->punch_head) != NULL) {
     if (!(q->punch_head = j->next))
       q->punch_tail = &q->punch_head;
-    size_t i = 0, ci = 0;
-    int r = rc_deferred_plan (q, &j->f);
-    q->punch_busy = true;
-    while (r == 0 && i < j->f.npunch) {
-      size_t k = j->f.npunch - i > part ? i + part : j->f.npunch;
-      pthread_mutex_unlock (&q->lock);
-      rc_deferred_punch_part (q, &j->f, i, k);
-      pthread_mutex_lock (&q->lock);
-      r = rc_deferred_drop (q, &j->f, &ci, j->f.punch[k - 1]);
-      q->punch_gen++;
-      pthread_cond_broadcast (&q->punch_cond);
-      i = k;
-    }
-    if (r == 0)                 /* the references to unpunched clusters */
-      r = rc_deferred_drop (q, &j->f, &ci, UINT64_MAX);
-    free (j->f.c);
-    free (j->f.punch);
-    if (r < 0) {    /* the references stay: leaked clusters, no harm */
+    int r = apply_freeing (q, &j->f);
+    if (r < 0) {
       ERR (q, "background: dropping references after punching holes "
            "failed: %s", strerror (-r));
       if (!q->bg_error)
         q->bg_error = r;
     }
-    q->punch_busy = false;
-    q->punch_gen++;
-    pthread_cond_broadcast (&q->punch_cond);
     free (j);
   }
 }
@@ -580,23 +590,13 @@ flush_all (struct qcow *q)
      * counted so nothing can reuse them, and, where the background
      * thread runs, by that thread, so that the flush (a client's, which
      * asked only for durability) does not wait for it. */
-    if (r == 0 && f.n > 0 && punch_in_background (q, &f))
-      ;
-    else {
-      if (r == 0) {
-        pthread_mutex_lock (&q->lock);
-        r = rc_deferred_plan (q, &f);
-        pthread_mutex_unlock (&q->lock);
-      }
-      if (r == 0)
-        rc_deferred_punch (q, &f);
+    if (r < 0) {
+      free (f.c);
+      free (f.punch);
+    }
+    else if (f.n == 0 || !punch_in_background (q, &f)) {
       pthread_mutex_lock (&q->lock);
-      if (r == 0)
-        r = rc_deferred_finish (q, &f);
-      else {
-        free (f.c);
-        free (f.punch);
-      }
+      r = apply_freeing (q, &f);
       pthread_mutex_unlock (&q->lock);
     }
   }

@@ -225,6 +225,19 @@ rct_commit_switch (struct qcow *q)
   return 0;
 }
 
+/* Refcount block IDX is new, at host cluster AT: in the table (dirty)
+ * and in the cache, zeroed, in *EP. */
+static int
+install_block (struct qcow *q, uint64_t idx, uint64_t at, struct centry **ep)
+{
+  q->rct[idx] = at << q->cluster_bits;
+  q->rct_dirty = true;
+  int r = cache_get (q, &q->rbc, idx, q->rct[idx], true, ep);
+  if (r < 0)
+    q->rct[idx] = 0;
+  return r;
+}
+
 /* Make sure the refcount block covering CLUSTER exists.  A new block is
  * placed at the first cluster of the range it describes (all of which is
  * free, since no block counted it), so it describes itself. */
@@ -247,12 +260,8 @@ ensure_block (struct qcow *q, uint64_t cluster, bool *created)
     return -EIO;
   }
   struct centry *e;
-  q->rct[idx] = c << q->cluster_bits;
-  q->rct_dirty = true;
-  if ((r = cache_get (q, &q->rbc, idx, q->rct[idx], true, &e)) < 0) {
-    q->rct[idx] = 0;
+  if ((r = install_block (q, idx, c, &e)) < 0)
     return r;
-  }
   rb_write (q->h.refcount_order, e->data, 0, 1);
   if (c + 1 > q->frontier)
     q->frontier = c + 1;
@@ -368,12 +377,8 @@ rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first)
     if (q->rct[i] != 0)
       continue;
     struct centry *e;
-    q->rct[i] = next << q->cluster_bits;
-    q->rct_dirty = true;
-    if ((r = cache_get (q, &q->rbc, i, q->rct[i], true, &e)) < 0) {
-      q->rct[i] = 0;
+    if ((r = install_block (q, i, next, &e)) < 0)
       return r;
-    }
     next++;
   }
   for (uint64_t c = start; c < next; c++)
@@ -409,21 +414,14 @@ rc_free (struct qcow *q, uint64_t cluster, uint64_t n)
 }
 
 /* A reference to CLUSTER was removed in memory: drop its refcount only
- * once the removal is durable (rc_apply_deferred, from flush). */
+ * once the removal is durable (the rc_deferred_* steps, from flush_all). */
 void
 rc_defer_free (struct qcow *q, uint64_t cluster)
 {
-  if (q->npending == q->pending_cap) {
-    size_t cap = q->pending_cap ? q->pending_cap * 2 : 64;
-    uint64_t *p = realloc (q->pending_free, cap * sizeof *p);
-    if (!p) {
-      /* Out of memory: the cluster leaks (harmless, qemu-img check -r
-       * leaks reclaims it). */
-      return;
-    }
-    q->pending_free = p;
-    q->pending_cap = cap;
-  }
+  uint64_t *p = grow_array (q->pending_free, q->npending, &q->pending_cap, sizeof *p, 64);
+  if (!p)
+    return;    /* out of memory: the cluster leaks (qemu-img check -r leaks reclaims it) */
+  q->pending_free = p;
   q->pending_free[q->npending++] = cluster;
 }
 
@@ -450,53 +448,9 @@ punch_runs (struct qcow *q, bool data, uint64_t *c, size_t n)
   }
 }
 
-/* Drop the deferred references (their unlinking is durable) and punch
- * the clusters that became free out of the file (data-file clusters are
- * not refcounted: they are just punched out of the data file). */
-int
-rc_apply_deferred (struct qcow *q)
-{
-  size_t n = q->npending, nimg = 0, ndata = 0;
-  uint64_t *img = malloc (n * sizeof *img + 1), *data = malloc (n * sizeof *data + 1);
-  int r = 0;
-  while (q->npending > 0) {
-    uint64_t c = q->pending_free[q->npending - 1], rc;
-    if (c & DEFER_DATA_FILE) {
-      /* The cluster sits at its guest offset: if it was written again
-       * since, it is in use and must not be punched. */
-      struct cmap m;
-      c &= ~DEFER_DATA_FILE;
-      if ((r = l2_lookup (q, c, &m)) < 0)
-        break;
-      q->npending--;
-      if (data && (m.kind == C_UNALLOC || m.kind == C_ZERO))
-        data[ndata++] = c;
-      continue;
-    }
-    if ((r = rc_free (q, c, 1)) == 0)
-      r = rc_get (q, c, &rc);
-    if (r < 0)
-      break;
-    q->npending--;
-    if (rc == 0) {
-      q->stats.freed++;
-      if (img)
-        img[nimg++] = c;
-    }
-  }
-  if (q->cfg.discard) {
-    if (img)
-      punch_runs (q, false, img, nimg);
-    if (data)
-      punch_runs (q, true, data, ndata);
-  }
-  free (img);
-  free (data);
-  return r;
-}
-
-/* The same in steps, so that the slow part, punching holes, runs with
- * no lock held (flush_all, or the background thread):
+/* Applying the deferred frees (their unlinking is durable) in steps, so
+ * that the slow part, punching holes, runs with no lock held (flush_all,
+ * or the background thread):
  *   take   (locks held, nothing in flight): the first N deferred entries
  *          leave the list; data-file clusters (not refcounted: they could
  *          be written again at once) are punched right away;
@@ -604,6 +558,21 @@ rc_deferred_finish (struct qcow *q, struct freeing *f)
   free (f->c);
   free (f->punch);
   f->c = f->punch = NULL;
+  return r;
+}
+
+/* All the steps at once, the locks held throughout (resize). */
+int
+rc_apply_deferred (struct qcow *q)
+{
+  struct freeing f;
+  int r = rc_deferred_take (q, q->npending, &f);
+  if (r == 0 && (r = rc_deferred_plan (q, &f)) == 0)
+    rc_deferred_punch (q, &f);
+  if (r == 0)
+    return rc_deferred_finish (q, &f);
+  free (f.c);
+  free (f.punch);
   return r;
 }
 

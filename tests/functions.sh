@@ -63,6 +63,19 @@ require ()
 _qcow_cleanups=()
 
 # on_exit CMD...: evaluate CMD at exit; $status is the test's exit status.
+# use_seed: SEED from the environment, or a random one; printed, so that
+# the run can be repeated with SEED=N.  fail MESSAGE: die naming it.
+use_seed ()
+{
+    SEED=${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
+    echo "seed: $SEED (rerun with SEED=$SEED)"
+}
+
+fail ()
+{
+    die "$* (seed ${SEED:-none})"
+}
+
 on_exit ()
 {
     _qcow_cleanups+=("$*")

@@ -23,15 +23,9 @@
 . "$(dirname "$0")/functions.sh"
 require qemu-img qemu-io nbdkit
 
-SEED=${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
+use_seed
 rounds=${QCOW_COMPACT_ROUNDS:-6}
-echo "seed: $SEED (rerun with SEED=$SEED)"
 RANDOM=$SEED
-
-fail ()
-{
-    die "$* (seed $SEED)"
-}
 
 py=/usr/bin/python3
 client ()

@@ -25,15 +25,9 @@
 . "$(dirname "$0")/functions.sh"
 require qemu-img nbdkit
 
-SEED=${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
+use_seed
 rounds=${QCOW_CRASH_ROUNDS:-8}
-echo "seed: $SEED (rerun with SEED=$SEED)"
 RANDOM=$SEED
-
-fail ()
-{
-    die "$* (seed $SEED)"
-}
 
 py=/usr/bin/python3
 client="$TESTS_DIR/crash-client.py"

@@ -132,6 +132,20 @@ expect_refused ()
     sed -n '1s/^/    ok: /p' "$TMPD/err"
 }
 
+# started_ro_or_refused ERE: start nbdkit read-only on $img; true if it
+# serves, false once a refusal (with a message matching ERE, else a
+# failure) or another outcome has been reported.
+started_ro_or_refused ()
+{
+    start_status -r
+    sane "$status" || return 1
+    if [ "$status" = 1 ]; then
+        refused_ok "$1" && sed -n '1s/^/    ok (refused): /p' "$TMPD/err"
+        return 1
+    fi
+    [ "$status" = 0 ] || { bad "exit status $status"; return 1; }
+}
+
 # expect_refused_or_served ERE: a valid image with a feature that may not
 # be supported yet: refused at start-up with a message matching ERE, or
 # served read-only with exactly the contents QEMU reads, file unchanged.
@@ -139,13 +153,7 @@ expect_refused_or_served ()
 {
     local re=$1 before
     before=$(sha256_of "$img")
-    start_status -r
-    sane "$status" || return 0
-    if [ "$status" = 1 ]; then
-        refused_ok "$re" && sed -n '1s/^/    ok (refused): /p' "$TMPD/err"
-        return 0
-    fi
-    [ "$status" = 0 ] || { bad "exit status $status"; return 0; }
+    started_ro_or_refused "$re" || return 0
     qemu-img convert -U -f qcow2 -O raw "$img" "$TMPD/want.raw"
     rm -f "$TMPD/got.raw"
     status=0
@@ -192,13 +200,7 @@ expect_eio ()
     local before
     export BAD=$1 GOOD=$2 BYTE=$3
     before=$(sha256_of "$img")
-    start_status -r
-    sane "$status" || return 0
-    if [ "$status" = 1 ]; then
-        refused_ok "$RE_TOUCH" && sed -n '1s/^/    ok (refused): /p' "$TMPD/err"
-        return 0
-    fi
-    [ "$status" = 0 ] || { bad "exit status $status"; return 0; }
+    started_ro_or_refused "$RE_TOUCH" || return 0
 
     status=0
     timeout 20 bash -c 'nbdsh_plugin "$0" -r -- -c "$1"' "$img" "$PY_PRELUDE" \

@@ -14,14 +14,8 @@
 . "$(dirname "$0")/functions.sh"
 require qemu-img qemu-io nbdkit
 
-SEED=${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
+use_seed
 seconds=${QCOW_MODEL_SECONDS:-8}
-echo "seed: $SEED (rerun with SEED=$SEED)"
-
-fail ()
-{
-    die "$* (seed $SEED)"
-}
 
 # prefill IMG: write a few seeded patterns (and zeroes, on v3) with qemu-io,
 # so that the workload starts over clusters QEMU allocated.

@@ -26,13 +26,7 @@
 . "$(dirname "$0")/functions.sh"
 require qemu-img nbdkit nbdinfo
 
-SEED=${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
-echo "seed: $SEED (rerun with SEED=$SEED)"
-
-fail ()
-{
-    die "$* (seed $SEED)"
-}
+use_seed
 
 client ()
 {
