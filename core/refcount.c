@@ -486,7 +486,7 @@ rc_deferred_take (struct qcow *q, size_t n, struct freeing *f)
     else
       f->c[f->n++] = c;
   }
-  if (r == 0) {
+  if (r == 0 && n > 0) {         /* (nothing was ever deferred: no list) */
     memmove (q->pending_free, q->pending_free + n, (q->npending - n) * sizeof *q->pending_free);
     q->npending -= n;
     if (q->cfg.discard)
