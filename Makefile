@@ -10,7 +10,7 @@ CC      ?= cc
 PREFIX  ?= /usr/local
 SANITIZE ?=
 CFLAGS_BASE = -std=gnu11 -O2 -g -fPIC -pthread -Wall -Wextra -Werror \
-              -D_GNU_SOURCE -Icore
+              -D_GNU_SOURCE -fvisibility=hidden -Icore
 ifeq ($(SANITIZE),1)
 O       := build-san
 CFLAGS_BASE += -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
@@ -57,8 +57,9 @@ $(O)/libqcowcore.a: $(CORE_OBJS)
 	@rm -f $@
 	ar rcs $@ $^
 
-$(PLUGIN): $(O)/obj/plugin/qcow.o $(O)/libqcowcore.a
-	$(CC) -shared $(LDFLAGS_SAN) -o $@ $^ $(LIBS)
+$(PLUGIN): $(O)/obj/plugin/qcow.o $(O)/libqcowcore.a plugin/exports.syms
+	$(CC) -shared $(LDFLAGS_SAN) -Wl,--version-script=plugin/exports.syms \
+	  -o $@ $(O)/obj/plugin/qcow.o $(O)/libqcowcore.a $(LIBS)
 
 # bench/floor.c: a plugin that does no work, nbdkit's own cost in the bench.
 $(FLOOR): bench/floor.c

@@ -127,11 +127,11 @@ cache_get (struct qcow *q, struct cache *c, uint64_t key, uint64_t offset,
   if (e) {
     lru_unlink (e);
     lru_push_front (c, e);
-    q->stats.l2_cache_hits += c == &q->l2c;
+    q->stats.l2_cache_hits += c == &q->l2_cache;
     *ep = e;
     return 0;
   }
-  q->stats.l2_cache_misses += c == &q->l2c;
+  q->stats.l2_cache_misses += c == &q->l2_cache;
   int r = cache_evict (q, c);
   if (r < 0)
     return r;

@@ -1,4 +1,4 @@
-/* check.c - integrity check and repair of qcow2 images (see check.h).
+/* check.c - integrity check and repair of qcow2 images (API in qcow.h).
  *
  * The check
  * ---------

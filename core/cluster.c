@@ -30,12 +30,12 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
     ERR (q, "internal error: L1 index %" PRIu64 " out of range", idx);
     return -EIO;
   }
-  struct centry *e = cache_peek (&q->l2c, idx);
+  struct centry *e = cache_peek (&q->l2_cache, idx);
   if (e) {
     *ep = e;
     if (alloc && !(q->l1[idx] & ENTRY_COPIED))
       goto check_shared;
-    return cache_get (q, &q->l2c, idx, e->offset, false, ep);   /* LRU touch */
+    return cache_get (q, &q->l2_cache, idx, e->offset, false, ep);   /* LRU touch */
   }
   uint64_t off = q->l1[idx] & L1_OFFSET_MASK;
   if (!off) {
@@ -45,7 +45,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
     bool fresh;
     if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
       return r;
-    if ((r = cache_get (q, &q->l2c, idx, c << q->cluster_bits, true, ep)) < 0) {
+    if ((r = cache_get (q, &q->l2_cache, idx, c << q->cluster_bits, true, ep)) < 0) {
       rc_free (q, c, 1);
       return r;
     }
@@ -60,7 +60,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
          : "beyond the end of the file");
     return -EIO;
   }
-  if ((r = cache_get (q, &q->l2c, idx, off, false, ep)) < 0)
+  if ((r = cache_get (q, &q->l2_cache, idx, off, false, ep)) < 0)
     return r;
   if (!alloc || q->l1[idx] & ENTRY_COPIED)
     return 0;
@@ -68,7 +68,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
   uint64_t rc;
   if ((r = rc_get (q, (q->l1[idx] & L1_OFFSET_MASK) >> q->cluster_bits, &rc)) < 0)
     return r;
-  if ((r = cache_get (q, &q->l2c, idx, q->l1[idx] & L1_OFFSET_MASK, false, ep)) < 0)
+  if ((r = cache_get (q, &q->l2_cache, idx, q->l1[idx] & L1_OFFSET_MASK, false, ep)) < 0)
     return r;
   if (rc == 1)
     q->l1[idx] |= ENTRY_COPIED;
@@ -82,7 +82,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
     bool fresh;
     if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
       return r;
-    if ((r = cache_get (q, &q->l2c, idx, old, false, ep)) < 0) {
+    if ((r = cache_get (q, &q->l2_cache, idx, old, false, ep)) < 0) {
       rc_free (q, c, 1);
       return r;
     }
@@ -90,7 +90,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
     for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++)
       wr64 (L2E (q, e->data, j), rd64 (L2E (q, e->data, j)) & ~ENTRY_COPIED);
     e->offset = c << q->cluster_bits;
-    cache_mark_dirty (&q->l2c, e);
+    cache_mark_dirty (&q->l2_cache, e);
     q->l1[idx] = e->offset | ENTRY_COPIED;
     rc_defer_free (q, old >> q->cluster_bits);
   }
@@ -197,7 +197,7 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
 
 /* Both words of an extended entry. */
 int
-l2_set2 (struct qcow *q, uint64_t gc, uint64_t entry, uint64_t bitmap)
+l2_set_with_bitmap (struct qcow *q, uint64_t gc, uint64_t entry, uint64_t bitmap)
 {
   struct centry *e;
   int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
@@ -207,7 +207,7 @@ l2_set2 (struct qcow *q, uint64_t gc, uint64_t entry, uint64_t bitmap)
   wr64 (ep, entry);
   if (q->extl2)
     wr64 (ep + 8, bitmap);
-  cache_mark_dirty (&q->l2c, e);
+  cache_mark_dirty (&q->l2_cache, e);
   return 0;
 }
 
@@ -228,7 +228,7 @@ void
 l2_set_in (struct qcow *q, struct centry *e, uint64_t gc, uint64_t entry)
 {
   wr64 (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
-  cache_mark_dirty (&q->l2c, e);
+  cache_mark_dirty (&q->l2_cache, e);
 }
 
 static int
@@ -270,8 +270,8 @@ int
 metadata_sync (struct qcow *q)
 {
   bool l1dirty = q->l1_dirty_hi > q->l1_dirty_lo;
-  bool l2dirty = q->l2c.ndirty > 0;
-  bool rcdirty = q->rbc.ndirty > 0 || q->rct_dirty;
+  bool l2dirty = q->l2_cache.ndirty > 0;
+  bool rcdirty = q->refblock_cache.ndirty > 0 || q->rct_dirty;
   bool lazy = q->dirty_bit_set;   /* refcounts need no ordering */
   int r;
 
@@ -280,7 +280,7 @@ metadata_sync (struct qcow *q)
   if (!l1dirty && !l2dirty && !rcdirty)
     return 0;
   if (rcdirty) {
-    if ((r = cache_write_dirty (q, &q->rbc)) < 0)
+    if ((r = cache_write_dirty (q, &q->refblock_cache)) < 0)
       return r;
     if (q->rct_dirty) {
       if (!lazy && (r = io_sync (q)) < 0)      /* blocks before the table */
@@ -293,7 +293,7 @@ metadata_sync (struct qcow *q)
     /* data and refcounts before the L2 entries that point to them */
     if (q->data_unsynced && (r = io_sync (q)) < 0)
       return r;
-    if ((r = cache_write_dirty (q, &q->l2c)) < 0)
+    if ((r = cache_write_dirty (q, &q->l2_cache)) < 0)
       return r;
     if (l1dirty) {
       if ((r = io_sync (q)) < 0)                /* L2 tables before L1 */

@@ -168,18 +168,18 @@ move_table (struct qcow *q, const struct source *s, uint64_t dst)
   int r;
   uint64_t off = dst << q->cluster_bits;
   if (s->kind == SRC_L2) {
-    if ((r = cache_get (q, &q->l2c, s->key, s->host << q->cluster_bits, false, &e)) < 0)
+    if ((r = cache_get (q, &q->l2_cache, s->key, s->host << q->cluster_bits, false, &e)) < 0)
       return r;
     e->offset = off;
-    cache_mark_dirty (&q->l2c, e);
+    cache_mark_dirty (&q->l2_cache, e);
     q->l1[s->key] = off | ENTRY_COPIED;
     mark_l1_dirty (q, s->key);
   }
   else {
-    if ((r = cache_get (q, &q->rbc, s->key, s->host << q->cluster_bits, false, &e)) < 0)
+    if ((r = cache_get (q, &q->refblock_cache, s->key, s->host << q->cluster_bits, false, &e)) < 0)
       return r;
     e->offset = off;
-    cache_mark_dirty (&q->rbc, e);
+    cache_mark_dirty (&q->refblock_cache, e);
     q->rct[s->key] = off;
     q->rct_dirty = true;
   }

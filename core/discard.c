@@ -167,7 +167,7 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
         break;
       }
       pthread_mutex_unlock (&q->lock);
-      r = io_dpwrite (q, q->zero_cluster, cs, host);
+      r = io_data_pwrite (q, q->zero_cluster, cs, host);
       pthread_mutex_lock (&q->lock);
     }
     if (r == 0)

@@ -164,7 +164,7 @@ struct qcow {
   bool rct_switch_pending;
   uint64_t rct_old_off;
   uint32_t rct_old_clusters;
-  struct cache l2c, rbc;
+  struct cache l2_cache, refblock_cache;
 
   uint64_t file_size;      /* bytes known to exist (max written end) */
   uint64_t frontier;       /* first host cluster never handed out and past
@@ -182,10 +182,12 @@ struct qcow {
   struct qcow_stats stats;
 };
 
-/* ---- messages (qcow.c) ---- */
+/* ---- msg.c ---- */
 void qcow_errorf (const char *file, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 void qcow_debugf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+#define ERR(q, ...) qcow_errorf ((q)->filename, __VA_ARGS__)
+
 /* V (N elements of SIZE bytes used, *CAP allocated) with room for one
  * more: the same array, or a bigger one (the first holds FIRST), or NULL
  * (V untouched) if memory ran out. */
@@ -201,21 +203,8 @@ grow_array (void *v, size_t n, size_t *cap, size_t size, size_t first)
   return p;
 }
 
-extern __thread bool qcow_in_background;   /* set in the background thread */
-#define ERR(q, ...) qcow_errorf ((q)->filename, __VA_ARGS__)
-
-/* ---- qcow.c ---- */
-int check_range (struct qcow *q, size_t count, uint64_t offset);
-int check_write_range (struct qcow *q, size_t count, uint64_t offset);
-int begin_modify (struct qcow *q);
-int lock_change (struct qcow *q, int fd, const char *what,
-                 enum qcow_lock *state, enum qcow_lock to);
-int lock_write (struct qcow *q);
-int flush_all (struct qcow *q);
-struct inflight *inflight_find (struct qcow *q, uint64_t gc);
-void inflight_remove (struct qcow *q, struct inflight *f);
-
 /* ---- io.c ---- */
+extern __thread bool qcow_in_background;   /* set in the background thread */
 int io_pread (struct qcow *q, void *buf, size_t count, uint64_t offset);
 int io_pread_fd (int fd, const char *file, void *buf, size_t count, uint64_t offset, bool zero_past_eof);
 int io_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
@@ -223,9 +212,9 @@ int io_pwrite_fd (int fd, const char *file, const void *buf, size_t count, uint6
 int io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
 int io_sync (struct qcow *q);
 int io_punch (struct qcow *q, bool data, uint64_t offset, uint64_t len);
-int io_dpread (struct qcow *q, void *buf, size_t count, uint64_t offset);
-int io_dpwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
-int io_dpwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
+int io_data_pread (struct qcow *q, void *buf, size_t count, uint64_t offset);
+int io_data_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
+int io_data_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
 int io_truncate (struct qcow *q, uint64_t size);
 void fault_from_env (void);
 
@@ -273,34 +262,14 @@ void rc_deferred_punch (struct qcow *q, struct freeing *f);
 void rc_deferred_punch_part (struct qcow *q, struct freeing *f, size_t i, size_t k);
 int rc_deferred_drop (struct qcow *q, struct freeing *f, size_t *i, uint64_t last);
 int rc_deferred_finish (struct qcow *q, struct freeing *f);
-int rc_rebuild (struct qcow *q);
 int rct_commit_switch (struct qcow *q);
 int rc_write_structure (int fd, const char *file, unsigned cluster_bits,
                         unsigned refcount_order, const uint16_t *counts,
                         uint64_t nclusters, uint64_t *rct_offset, uint32_t *rct_clusters,
                         uint64_t *new_end);
 
-/* ---- backing.c ---- */
-int connect_chain (const char *path, const struct qcow_config *cfg,
-                   struct chain *chain, struct qcow **qp);
-int backing_open (struct qcow *q, struct chain *chain);
-int data_file_open (struct qcow *q);
-
-/* ---- check.c ---- */
-int check_fd (int fd, struct qcow_check_result *res, qcow_check_cb cb, void *opaque);
-void backing_close (struct qcow *q);
-int backing_read (struct qcow *q, void *buf, uint64_t count, uint64_t offset);
-int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,
-                 unsigned *flags);
-
-/* ---- snapshot.c ---- */
-int snapshots_load (struct qcow *q);
-void snapshots_free (struct qcow *q);
-
-/* ---- compress.c ---- */
-void compressed_extent (struct qcow *q, uint64_t ent, uint64_t *off, uint64_t *len);
-int compressed_read (struct qcow *q, uint64_t ent, uint8_t *out);
-void compressed_defer_free (struct qcow *q, uint64_t ent);
+/* ---- rebuild.c ---- */
+int rc_rebuild (struct qcow *q);
 
 /* ---- cluster.c ---- */
 enum ckind { C_UNALLOC, C_ZERO, C_ZERO_ALLOC, C_DATA, C_COMPRESSED,
@@ -317,7 +286,10 @@ int l2_decode (struct qcow *q, uint64_t gcluster, const struct centry *e, struct
 int l2_get_table (struct qcow *q, uint64_t l1_index, bool alloc, struct centry **ep);
 int l2_set (struct qcow *q, uint64_t gcluster, uint64_t entry);
 void l2_set_in (struct qcow *q, struct centry *e, uint64_t gcluster, uint64_t entry);
-int l2_set2 (struct qcow *q, uint64_t gcluster, uint64_t entry, uint64_t bitmap);
+int l2_set_with_bitmap (struct qcow *q, uint64_t gcluster, uint64_t entry, uint64_t bitmap);
+void mark_l1_dirty (struct qcow *q, uint64_t idx);
+int write_rct (struct qcow *q);
+int metadata_sync (struct qcow *q);
 
 /* ---- subcluster.c ---- */
 int sc_read (struct qcow *q, uint8_t *p, uint64_t len, uint64_t offset,
@@ -330,8 +302,43 @@ int sc_write (struct qcow *q, const uint8_t *p, uint64_t len, uint64_t offset,
 int sc_clear (struct qcow *q, uint64_t gc, uint64_t mask, bool trim, bool unlink,
               bool *must_write);
 uint64_t sc_units (struct qcow *q, uint64_t gc, uint64_t from, uint64_t to);
-int metadata_sync (struct qcow *q);
-int write_rct (struct qcow *q);
-void mark_l1_dirty (struct qcow *q, uint64_t idx);
+
+/* ---- compress.c ---- */
+void compressed_extent (struct qcow *q, uint64_t ent, uint64_t *off, uint64_t *len);
+int compressed_read (struct qcow *q, uint64_t ent, uint8_t *out);
+void compressed_defer_free (struct qcow *q, uint64_t ent);
+
+/* ---- backing.c ---- */
+int backing_open (struct qcow *q, struct chain *chain);
+int data_file_open (struct qcow *q);
+void backing_close (struct qcow *q);
+int backing_read (struct qcow *q, void *buf, uint64_t count, uint64_t offset);
+int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,
+                 unsigned *flags);
+
+/* ---- snapshot.c ---- */
+int snapshots_load (struct qcow *q);
+void snapshots_free (struct qcow *q);
+
+/* ---- open.c ---- */
+int connect_chain (const char *path, const struct qcow_config *cfg,
+                   struct chain *chain, struct qcow **qp);
+int lock_change (struct qcow *q, int fd, const char *what,
+                 enum qcow_lock *state, enum qcow_lock to);
+int lock_write (struct qcow *q);
+int begin_modify (struct qcow *q);
+
+/* ---- rw.c ---- */
+int check_range (struct qcow *q, size_t count, uint64_t offset);
+int check_write_range (struct qcow *q, size_t count, uint64_t offset);
+struct inflight *inflight_find (struct qcow *q, uint64_t gc);
+void inflight_remove (struct qcow *q, struct inflight *f);
+
+/* ---- flush.c ---- */
+int flush_all (struct qcow *q);
+void stop_background (struct qcow *q);
+
+/* ---- check.c ---- */
+int check_fd (int fd, struct qcow_check_result *res, qcow_check_cb cb, void *opaque);
 
 #endif /* QCOW_INTERNAL_H */

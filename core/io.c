@@ -239,21 +239,21 @@ io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
 
 /* Guest data: in the image, or in its external data file. */
 int
-io_dpread (struct qcow *q, void *buf, size_t count, uint64_t offset)
+io_data_pread (struct qcow *q, void *buf, size_t count, uint64_t offset)
 {
   return io_pread_fd (q->data_fd, q->data_path ? q->data_path : q->filename,
                       buf, count, offset, true);
 }
 
 int
-io_dpwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset)
+io_data_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset)
 {
   struct iovec iov = { (void *) buf, count };
-  return io_dpwritev (q, &iov, 1, offset);
+  return io_data_pwritev (q, &iov, 1, offset);
 }
 
 int
-io_dpwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
+io_data_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
 {
   return pwritev_fd (q, q->data_fd, q->data_path ? q->data_path : q->filename,
                      iov, iovcnt, offset);

@@ -22,13 +22,21 @@
 
 #define QCOW_LIB_VERSION "0.1.0"
 
+/* What the library exports: it is built with -fvisibility=hidden, so
+ * only the functions declared here are visible outside it. */
+#if defined __GNUC__ && !defined QCOW_API
+#define QCOW_API __attribute__ ((visibility ("default")))
+#elif !defined QCOW_API
+#define QCOW_API
+#endif
+
 struct qcow;
 
 /* Messages.  The handlers are process-wide; the defaults print to stderr
  * (errors) and nothing (debug). */
 typedef void (*qcow_msg_fn) (const char *msg);
-void qcow_set_error_handler (qcow_msg_fn fn);
-void qcow_set_debug_handler (qcow_msg_fn fn);
+QCOW_API void qcow_set_error_handler (qcow_msg_fn fn);
+QCOW_API void qcow_set_debug_handler (qcow_msg_fn fn);
 
 /* Behaviour as seen from this client; does not affect the format
  * (the OCaml library's Config.t). */
@@ -46,7 +54,7 @@ struct qcow_config {
   bool runtime_asserts;    /* check the whole image after every flush */
   bool locking;            /* lock the files as QEMU does; default true */
 };
-void qcow_config_default (struct qcow_config *cfg);
+QCOW_API void qcow_config_default (struct qcow_config *cfg);
 
 /* On-disk choices for a new image. */
 struct qcow_create_opts {
@@ -56,27 +64,27 @@ struct qcow_create_opts {
   unsigned version;        /* 2 or 3; default 3 */
   bool lazy_refcounts;     /* default true (v3 only) */
 };
-void qcow_create_opts_default (struct qcow_create_opts *opts);
+QCOW_API void qcow_create_opts_default (struct qcow_create_opts *opts);
 
 /* Create a new image at PATH.  Fails with -EEXIST if PATH exists unless
  * OVERWRITE. */
-int qcow_create (const char *path, const struct qcow_create_opts *opts,
+QCOW_API int qcow_create (const char *path, const struct qcow_create_opts *opts,
                  bool overwrite);
 
 /* Open and validate an image.  Nothing is written to the file until the
  * first write-type request (so a read-only user never modifies it). */
-int qcow_connect (const char *path, const struct qcow_config *cfg,
+QCOW_API int qcow_connect (const char *path, const struct qcow_config *cfg,
                   struct qcow **qp);
 
 /* Flush, mark the image clean and close it.  Frees Q even on error. */
-int qcow_disconnect (struct qcow *q);
+QCOW_API int qcow_disconnect (struct qcow *q);
 
 struct qcow_info {
   uint64_t size;           /* virtual size in bytes */
   uint32_t cluster_size;
   bool read_write;         /* false if opened read-only or image is corrupt */
 };
-void qcow_get_info (struct qcow *q, struct qcow_info *info);
+QCOW_API void qcow_get_info (struct qcow *q, struct qcow_info *info);
 
 /* A snapshot of the header as it is now. */
 #define QCOW_INCOMPAT_DIRTY       (1ULL << 0)
@@ -108,16 +116,16 @@ struct qcow_header {
   char backing_format[64];     /* "" if not recorded */
   char data_file[1024];        /* external data file name, "" if none */
 };
-void qcow_get_header (struct qcow *q, struct qcow_header *h);
+QCOW_API void qcow_get_header (struct qcow *q, struct qcow_header *h);
 /* Name of a feature bit (TYPE 0 incompatible, 1 compatible, 2 autoclear),
  * or NULL if unknown. */
-const char *qcow_feature_name (int type, int bit);
-void qcow_to_config (struct qcow *q, struct qcow_config *cfg);
-const char *qcow_filename (struct qcow *q);
+QCOW_API const char *qcow_feature_name (int type, int bit);
+QCOW_API void qcow_to_config (struct qcow *q, struct qcow_config *cfg);
+QCOW_API const char *qcow_filename (struct qcow *q);
 /* The backing file: returns 1 and sets its resolved *PATH, *FORMAT
  * ("qcow2" or "raw") and *NEXT (the opened qcow2 backing image, NULL for
  * raw), or returns 0 if there is none. */
-int qcow_backing_info (struct qcow *q, const char **path, const char **format,
+QCOW_API int qcow_backing_info (struct qcow *q, const char **path, const char **format,
                        struct qcow **next);
 
 /* Internal snapshots (listed; the active layer is what is served). */
@@ -127,13 +135,13 @@ struct qcow_snapshot_info {
   uint64_t vm_clock_nsec, vm_state_size, disk_size;
   uint32_t l1_size;
 };
-int qcow_snapshot_count (struct qcow *q);
-int qcow_get_snapshot (struct qcow *q, int i, struct qcow_snapshot_info *info);
+QCOW_API int qcow_snapshot_count (struct qcow *q);
+QCOW_API int qcow_get_snapshot (struct qcow *q, int i, struct qcow_snapshot_info *info);
 
 /* Byte-granular I/O: any offset and count inside the virtual size. */
 #define QCOW_FUA 1u            /* write: durable before returning */
-int qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset);
-int qcow_write (struct qcow *q, const void *buf, size_t count,
+QCOW_API int qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset);
+QCOW_API int qcow_write (struct qcow *q, const void *buf, size_t count,
                 uint64_t offset, unsigned flags);
 
 /* Space.  Discard (trim) unlinks the clusters wholly inside the range and
@@ -144,9 +152,9 @@ int qcow_write (struct qcow *q, const void *buf, size_t count,
  * syncs unless QCOW_FUA. */
 #define QCOW_MAY_TRIM  2u      /* zero: the clusters may be deallocated */
 #define QCOW_FAST_ZERO 4u      /* zero: fail with -ENOTSUP rather than write */
-int qcow_discard (struct qcow *q, uint64_t count, uint64_t offset,
+QCOW_API int qcow_discard (struct qcow *q, uint64_t count, uint64_t offset,
                   unsigned flags);
-int qcow_zero (struct qcow *q, uint64_t count, uint64_t offset,
+QCOW_API int qcow_zero (struct qcow *q, uint64_t count, uint64_t offset,
                unsigned flags);
 
 /* Compaction (the OCaml library's compact): move clusters from the end
@@ -159,13 +167,13 @@ struct qcow_compact_result {
   uint64_t new_size;       /* file size after, in sectors */
 };
 typedef void (*qcow_progress_fn) (int percent, void *opaque);
-int qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
+QCOW_API int qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
                   struct qcow_compact_result *res);
 /* Start the background thread (stopped by qcow_disconnect): it punches
  * the holes of clusters freed by a flush (with cfg.discard; without the
  * thread the flush punches them itself) and compacts once
  * compact_after_unmaps bytes were freed.  Start it after any fork. */
-int qcow_start_background (struct qcow *q);
+QCOW_API int qcow_start_background (struct qcow *q);
 
 /* QEMU-compatible image locking (with cfg.locking).  qcow_connect takes
  * the locks of a read-only user, which QEMU's readers share; the first
@@ -173,29 +181,29 @@ int qcow_start_background (struct qcow *q);
  * knows it will write (the plugin: a client opened read-write).  Returns
  * 0, or -EAGAIN (message sent) if another process (QEMU, nbdkit) has the
  * image open.  No-op for a read-only image or without locking. */
-int qcow_lock_write (struct qcow *q);
+QCOW_API int qcow_lock_write (struct qcow *q);
 
 /* Make every completed write durable, metadata included. */
-int qcow_flush (struct qcow *q);
+QCOW_API int qcow_flush (struct qcow *q);
 
 /* Change the virtual size.  Shrinking fails with -EINVAL unless
  * IGNORE_DATA_LOSS, in which case the clusters past the end are freed. */
-int qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss);
+QCOW_API int qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss);
 
 /* Recompute every refcount from the L1/L2 references and write a fresh
  * refcount structure (used automatically for images opened dirty). */
-int qcow_rebuild_refcount_table (struct qcow *q);
+QCOW_API int qcow_rebuild_refcount_table (struct qcow *q);
 
 /* Mapping (block status).  Describes the run starting at OFFSET (at most
  * COUNT bytes): *LEN gets its length, *FLAGS a combination of these. */
 #define QCOW_EXTENT_HOLE 1u    /* nothing allocated: reads as zeros */
 #define QCOW_EXTENT_ZERO 2u    /* reads as zeros */
-int qcow_map (struct qcow *q, uint64_t offset, uint64_t count,
+QCOW_API int qcow_map (struct qcow *q, uint64_t offset, uint64_t count,
               uint64_t *len, unsigned *flags);
 /* The next offset >= FROM that may hold data / that is a hole; the virtual
  * size if there is none. */
-int64_t qcow_seek_mapped (struct qcow *q, uint64_t from);
-int64_t qcow_seek_unmapped (struct qcow *q, uint64_t from);
+QCOW_API int64_t qcow_seek_mapped (struct qcow *q, uint64_t from);
+QCOW_API int64_t qcow_seek_unmapped (struct qcow *q, uint64_t from);
 
 /* Runtime statistics (the OCaml library's Stats.t). */
 struct qcow_stats {
@@ -210,10 +218,10 @@ struct qcow_stats {
   uint64_t compacted;              /* clusters moved by compaction */
   uint64_t compactions;            /* compaction runs */
 };
-void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
+QCOW_API void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
 
 /* Bytes of guest data allocated (clusters mapped in L2 tables). */
-int qcow_allocated_bytes (struct qcow *q, uint64_t *bytes);
+QCOW_API int qcow_allocated_bytes (struct qcow *q, uint64_t *bytes);
 
 /* Integrity check and repair of qcow2 images.
  *
@@ -250,7 +258,7 @@ enum qcow_problem {
   QCOW_PROBLEM_NR
 };
 /* "outside-file", "duplicate", ... (for JSON), or NULL. */
-const char *qcow_problem_name (enum qcow_problem kind);
+QCOW_API const char *qcow_problem_name (enum qcow_problem kind);
 
 struct qcow_check_problem {
   enum qcow_problem kind;
@@ -291,7 +299,7 @@ struct qcow_check_result {
  * as it is found.  Returns 0 when the check ran (RES->verdict says how
  * it went), or -errno when the image could not be checked (RES->verdict
  * is QCOW_CHECK_FAILED and RES->reason says why). */
-int qcow_check_file (const char *path, struct qcow_check_result *res,
+QCOW_API int qcow_check_file (const char *path, struct qcow_check_result *res,
                      qcow_check_cb cb, void *opaque);
 
 struct qcow_repair_result {
@@ -313,12 +321,12 @@ struct qcow_repair_result {
  * that cannot be trusted, then rebuild the refcount structure.  Returns 0
  * when the image is clean afterwards (RES->after), or -errno with
  * RES->reason; an image that cannot be repaired is left unchanged. */
-int qcow_repair_file (const char *path, struct qcow_repair_result *res);
+QCOW_API int qcow_repair_file (const char *path, struct qcow_repair_result *res);
 
 /* The same check on an open image, through its own file descriptor (no
  * new locks): all metadata is written back first, and requests wait
  * while it runs. */
-int qcow_check (struct qcow *q, struct qcow_check_result *res,
+QCOW_API int qcow_check (struct qcow *q, struct qcow_check_result *res,
                 qcow_check_cb cb, void *opaque);
 
 /* Debug: fault injection at the I/O layer (the OCaml library's Debug
@@ -332,11 +340,11 @@ enum qcow_fault_op {
   QCOW_FAULT_READ, QCOW_FAULT_WRITE, QCOW_FAULT_SYNC, QCOW_FAULT_PUNCH,
   QCOW_FAULT_TRUNCATE, QCOW_FAULT_NR
 };
-void qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
+QCOW_API void qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
                         bool short_write, bool persistent);
-void qcow_debug_reset (void);
+QCOW_API void qcow_debug_reset (void);
 /* Calls of OP since the last inject/reset, and faults injected in all. */
-uint64_t qcow_debug_count (enum qcow_fault_op op);
-uint64_t qcow_debug_faults (void);
+QCOW_API uint64_t qcow_debug_count (enum qcow_fault_op op);
+QCOW_API uint64_t qcow_debug_faults (void);
 
 #endif /* QCOW_H */

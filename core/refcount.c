@@ -47,7 +47,7 @@ rc_block (struct qcow *q, uint64_t idx, struct centry **ep)
   *ep = NULL;
   if (idx >= q->rct_entries || q->rct[idx] == 0)
     return 0;
-  struct centry *e = cache_peek (&q->rbc, idx);
+  struct centry *e = cache_peek (&q->refblock_cache, idx);
   if (!e) {
     uint64_t off = q->rct[idx];
     if (off & ~RCT_OFFSET_MASK || off % q->cluster_size != 0) {
@@ -61,7 +61,7 @@ rc_block (struct qcow *q, uint64_t idx, struct centry **ep)
       return -EIO;
     }
   }
-  return cache_get (q, &q->rbc, idx, q->rct[idx], false, ep);
+  return cache_get (q, &q->refblock_cache, idx, q->rct[idx], false, ep);
 }
 
 int
@@ -90,7 +90,7 @@ rc_set (struct qcow *q, uint64_t cluster, uint64_t rc)
   }
   uint64_t mask = (1ULL << q->rb_bits) - 1;
   rb_write (q->h.refcount_order, e->data, cluster & mask, rc);
-  cache_mark_dirty (&q->rbc, e);
+  cache_mark_dirty (&q->refblock_cache, e);
   return 0;
 }
 
@@ -164,7 +164,7 @@ grow_rct (struct qcow *q, uint64_t need)
   if (!tab)
     return -ENOMEM;
   memcpy (tab, q->rct, q->rct_entries * 8);
-  r = cache_resize_slots (&q->rbc, entries);
+  r = cache_resize_slots (&q->refblock_cache, entries);
   if (r < 0) {
     free (tab);
     return r;
@@ -173,8 +173,8 @@ grow_rct (struct qcow *q, uint64_t need)
   q->rct_old_clusters = q->h.refcount_table_clusters;
   q->rct_switch_pending = true;
   /* No eviction (hence no metadata_sync) until the move is complete. */
-  size_t saved_max = q->rbc.max;
-  q->rbc.max += B + 16;
+  size_t saved_max = q->refblock_cache.max;
+  q->refblock_cache.max += B + 16;
   free (q->rct);
   q->rct = tab;
   q->rct_entries = entries;
@@ -189,14 +189,14 @@ grow_rct (struct qcow *q, uint64_t need)
       continue;
     struct centry *e;
     tab[i] = next << q->cluster_bits;
-    r = cache_get (q, &q->rbc, i, tab[i], true, &e);
+    r = cache_get (q, &q->refblock_cache, i, tab[i], true, &e);
     if (r < 0)
       break;
     next++;
   }
   for (uint64_t c = start; r == 0 && c < next; c++)
     r = rc_set (q, c, 1);
-  q->rbc.max = saved_max;
+  q->refblock_cache.max = saved_max;
   if (r < 0)
     return r;
   if (next > q->frontier)
@@ -213,7 +213,7 @@ int
 rct_commit_switch (struct qcow *q)
 {
   int r;
-  if ((r = cache_write_dirty (q, &q->rbc)) < 0 || (r = write_rct (q)) < 0 ||
+  if ((r = cache_write_dirty (q, &q->refblock_cache)) < 0 || (r = write_rct (q)) < 0 ||
       (r = io_sync (q)) < 0)
     return r;
   if ((r = header_write_fields (q, 48, 12)) < 0 || (r = io_sync (q)) < 0)
@@ -232,7 +232,7 @@ install_block (struct qcow *q, uint64_t idx, uint64_t at, struct centry **ep)
 {
   q->rct[idx] = at << q->cluster_bits;
   q->rct_dirty = true;
-  int r = cache_get (q, &q->rbc, idx, q->rct[idx], true, ep);
+  int r = cache_get (q, &q->refblock_cache, idx, q->rct[idx], true, ep);
   if (r < 0)
     q->rct[idx] = 0;
   return r;
@@ -665,151 +665,5 @@ rc_write_structure (int fd, const char *file, unsigned cluster_bits,
   free (used);
   free (tab);
   free (blk);
-  return r;
-}
-
-static int
-count_ref (struct qcow *q, uint16_t *counts, uint64_t E, uint64_t off,
-           uint64_t n, const char *what)
-{
-  uint64_t c = off >> q->cluster_bits;
-  if (off % q->cluster_size != 0 || c + n > E || c + n < c) {
-    ERR (q, "cannot rebuild refcounts: %s at 0x%" PRIx64 " is %s", what, off,
-         off % q->cluster_size ? "misaligned" : "beyond the end of the file");
-    return -EIO;
-  }
-  if (c == 0) {
-    ERR (q, "cannot rebuild refcounts: %s points into the header", what);
-    return -EIO;
-  }
-  for (uint64_t i = c; i < c + n; i++)
-    if (counts[i]++ == UINT16_MAX) {
-      ERR (q, "cannot rebuild refcounts: too many references to 0x%" PRIx64,
-           i << q->cluster_bits);
-      return -EIO;
-    }
-  return 0;
-}
-
-/* Count the L2 tables and data clusters reachable from an L1 table. */
-static int
-count_l1 (struct qcow *q, uint16_t *counts, uint64_t E, const uint64_t *l1,
-          uint64_t n, bool active, uint64_t *l2)
-{
-  const uint64_t cs = q->cluster_size;
-  int r;
-  for (uint64_t i = 0; i < n; i++) {
-    uint64_t l2off = l1[i] & L1_OFFSET_MASK;
-    if (!l2off)
-      continue;
-    if ((r = count_ref (q, counts, E, l2off, 1, "L2 table")) < 0)
-      return r;
-    struct centry *e = active ? cache_peek (&q->l2c, i) : NULL;
-    if (e)
-      memcpy (l2, e->data, cs);
-    else if ((r = io_pread (q, l2, cs, l2off)) < 0)
-      return r;
-    for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++) {
-      uint64_t ent = rd64 (L2E (q, l2, j));
-      if (ent & ENTRY_COMPRESSED) {
-        uint64_t coff, clen;
-        compressed_extent (q, ent, &coff, &clen);
-        uint64_t c0 = coff >> q->cluster_bits, c1 = (coff + clen - 1) >> q->cluster_bits;
-        for (uint64_t c = c0; c <= c1; c++)
-          if ((r = count_ref (q, counts, E, c << q->cluster_bits, 1, "compressed cluster")) < 0)
-            return r;
-        continue;
-      }
-      uint64_t off = ent & L2_OFFSET_MASK;
-      if (off && !q->data_path &&       /* data file clusters: not counted */
-          (r = count_ref (q, counts, E, off, 1, "data cluster")) < 0)
-        return r;
-    }
-  }
-  return 0;
-}
-
-/* Recount every reference and write a fresh refcount structure past the
- * end of the file.  Call with q->lock held and the L2 cache clean. */
-int
-rc_rebuild (struct qcow *q)
-{
-  const uint64_t cs = q->cluster_size;
-  uint64_t E = div_round_up (q->file_size, cs);
-  uint16_t *counts = calloc (E ? E : 1, sizeof *counts);
-  uint64_t *l2 = malloc (cs);
-  int r = -ENOMEM;
-  if (!counts || !l2)
-    goto out;
-  counts[0] = 1;                /* header */
-  if (q->h.l1_size &&
-      (r = count_ref (q, counts, E, q->h.l1_table_offset,
-                      div_round_up ((uint64_t) q->h.l1_size * 8, cs), "L1 table")) < 0)
-    goto out;
-  if ((r = count_l1 (q, counts, E, q->l1, q->h.l1_size, true, l2)) < 0)
-    goto out;
-  if (q->nsnap &&
-      (r = count_ref (q, counts, E, q->h.snapshots_offset,
-                      div_round_up (q->snap_table_len, cs), "snapshot table")) < 0)
-    goto out;
-  for (uint32_t i = 0; i < q->nsnap; i++) {
-    const struct snapshot *sn = &q->snap[i];
-    if (sn->l1_size == 0)
-      continue;
-    uint64_t *sl1 = malloc ((uint64_t) sn->l1_size * 8);
-    if (!sl1) { r = -ENOMEM; goto out; }
-    r = count_ref (q, counts, E, sn->l1_offset,
-                   div_round_up ((uint64_t) sn->l1_size * 8, cs), "snapshot L1 table");
-    if (r == 0)
-      r = io_pread (q, sl1, (uint64_t) sn->l1_size * 8, sn->l1_offset);
-    for (uint32_t j = 0; r == 0 && j < sn->l1_size; j++)
-      sl1[j] = be64toh (sl1[j]);
-    if (r == 0)
-      r = count_l1 (q, counts, E, sl1, sn->l1_size, false, l2);
-    free (sl1);
-    if (r < 0)
-      goto out;
-  }
-  uint64_t rct_off, new_end;
-  uint32_t rct_clusters;
-  r = rc_write_structure (q->fd, q->filename, q->cluster_bits,
-                          q->h.refcount_order, counts, E,
-                          &rct_off, &rct_clusters, &new_end);
-  if (r < 0 || (r = io_sync (q)) < 0)
-    goto out;
-
-  /* Switch to it in memory, then on disk. */
-  uint64_t entries = (uint64_t) rct_clusters * cs / 8;
-  uint64_t *tab = malloc (entries * 8);
-  if (!tab || (r = io_pread (q, tab, entries * 8, rct_off)) < 0) {
-    free (tab);
-    r = r < 0 ? r : -ENOMEM;
-    goto out;
-  }
-  for (uint64_t i = 0; i < entries; i++)
-    tab[i] = be64toh (tab[i]);
-  cache_drop_all (&q->rbc);
-  if ((r = cache_resize_slots (&q->rbc, entries)) < 0) {
-    free (tab);
-    goto out;
-  }
-  free (q->rct);
-  q->rct = tab;
-  q->rct_entries = entries;
-  q->rct_dirty = false;
-  q->h.refcount_table_offset = rct_off;
-  q->h.refcount_table_clusters = rct_clusters;
-  if ((r = header_write_fields (q, 48, 12)) < 0 || (r = io_sync (q)) < 0)
-    goto out;
-  q->free_hint = 1;
-  if (new_end > q->frontier)
-    q->frontier = new_end;
-  if (new_end << q->cluster_bits > q->file_size)
-    q->file_size = new_end << q->cluster_bits;
-  q->npending = 0;              /* recounted from the tables */
-  qcow_debugf ("%s: refcounts rebuilt (%" PRIu64 " clusters)", q->filename, E);
- out:
-  free (counts);
-  free (l2);
   return r;
 }

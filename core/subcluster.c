@@ -44,7 +44,7 @@ sc_read (struct qcow *q, uint8_t *p, uint64_t len, uint64_t offset,
     if (n > len)
       n = len;
     if (st == U_ALLOC)
-      r = io_dpread (q, p, n, m->host + in);
+      r = io_data_pread (q, p, n, m->host + in);
     else if (st == U_UNALLOC && q->backing_path)
       r = backing_read (q, p, n, offset);
     else
@@ -85,7 +85,7 @@ unit_base (struct qcow *q, const struct cmap *m, uint64_t gc, unsigned u, uint8_
   const uint64_t us = 1ULL << q->sc_bits;
   switch (unit_state (m, u)) {
   case U_ALLOC:
-    return io_dpread (q, buf, us, m->host + u * us);
+    return io_data_pread (q, buf, us, m->host + u * us);
   case U_UNALLOC:
     if (q->backing_path)
       return backing_read (q, buf, us, (gc << q->cluster_bits) + u * us);
@@ -121,7 +121,7 @@ sc_write (struct qcow *q, const uint8_t *p, uint64_t len, uint64_t offset,
   if (old && m->copied && (m->bitmap & mask) == mask) {
     /* Every unit is allocated and ours: in place. */
     pthread_mutex_unlock (&q->lock);
-    r = io_dpwrite (q, p, len, old + in);
+    r = io_data_pwrite (q, p, len, old + in);
     pthread_mutex_lock (&q->lock);
     return r;
   }
@@ -154,14 +154,14 @@ sc_write (struct qcow *q, const uint8_t *p, uint64_t len, uint64_t offset,
   uint8_t *buf = malloc (end - start);
   r = buf ? 0 : -ENOMEM;
   if (r == 0 && cow)
-    r = io_dpread (q, buf, cs, old);
+    r = io_data_pread (q, buf, cs, old);
   if (r == 0 && head)
     r = unit_base (q, m, gc, u0, buf + u0 * us - start);
   if (r == 0 && tail && (u1 != u0 || !head))
     r = unit_base (q, m, gc, u1, buf + u1 * us - start);
   if (r == 0) {
     memcpy (buf + in - start, p, len);
-    r = io_dpwrite (q, buf, end - start, host + start);
+    r = io_data_pwrite (q, buf, end - start, host + start);
   }
   free (buf);
 
@@ -169,7 +169,7 @@ sc_write (struct qcow *q, const uint8_t *p, uint64_t len, uint64_t offset,
   if (r == 0) {
     uint64_t alloc = (m->bitmap & ALL_UNITS) | mask;
     uint64_t zero = (m->bitmap >> 32) & ~mask;
-    r = l2_set2 (q, gc, host | ENTRY_COPIED, alloc | (zero << 32));
+    r = l2_set_with_bitmap (q, gc, host | ENTRY_COPIED, alloc | (zero << 32));
     if (r == 0 && cow)
       rc_defer_free (q, old >> q->cluster_bits);
   }
@@ -197,7 +197,7 @@ sc_clear (struct qcow *q, uint64_t gc, uint64_t mask, bool trim, bool unlink,
       *must_write = !trim;
       return 0;
     }
-    if ((r = l2_set2 (q, gc, 0, backing ? ALL_UNITS << 32 : 0)) < 0)
+    if ((r = l2_set_with_bitmap (q, gc, 0, backing ? ALL_UNITS << 32 : 0)) < 0)
       return r;
     compressed_defer_free (q, m.host);
     return 0;
@@ -205,7 +205,7 @@ sc_clear (struct qcow *q, uint64_t gc, uint64_t mask, bool trim, bool unlink,
   uint64_t alloc = m.bitmap & ALL_UNITS, zero = m.bitmap >> 32;
   if (mask == ALL_UNITS && m.host && (unlink || trim)) {
     /* The whole cluster goes. */
-    if ((r = l2_set2 (q, gc, 0, backing || !trim ? ALL_UNITS << 32 : 0)) < 0)
+    if ((r = l2_set_with_bitmap (q, gc, 0, backing || !trim ? ALL_UNITS << 32 : 0)) < 0)
       return r;
     rc_defer_free (q, m.host >> q->cluster_bits);
     return 0;
@@ -222,7 +222,7 @@ sc_clear (struct qcow *q, uint64_t gc, uint64_t mask, bool trim, bool unlink,
   uint64_t bitmap = alloc | (zero << 32);
   if (bitmap == m.bitmap)
     return 0;
-  return l2_set2 (q, gc, m.host ? m.host | (m.copied ? ENTRY_COPIED : 0) : 0, bitmap);
+  return l2_set_with_bitmap (q, gc, m.host ? m.host | (m.copied ? ENTRY_COPIED : 0) : 0, bitmap);
 }
 
 uint64_t

@@ -39,7 +39,7 @@ static void debug_handler (const char *msg)
 }
 
 static void
-qcow_load (void)
+plugin_load (void)
 {
   qcow_config_default (&config);
   qcow_set_error_handler (error_handler);
@@ -64,7 +64,7 @@ print_stats (void)
 }
 
 static void
-qcow_unload (void)
+plugin_unload (void)
 {
   if (image && qcow_debug_stats)
     print_stats ();
@@ -76,7 +76,7 @@ qcow_unload (void)
 }
 
 static int
-qcow_config_key (const char *key, const char *value)
+plugin_config (const char *key, const char *value)
 {
   int b;
   if (strcmp (key, "file") == 0) {
@@ -181,7 +181,7 @@ qcow_config_key (const char *key, const char *value)
 }
 
 static int
-qcow_config_complete (void)
+plugin_config_complete (void)
 {
   if (!filename) {
     nbdkit_error ("you must supply the file=<FILENAME> parameter");
@@ -215,7 +215,7 @@ qcow_config_complete (void)
   return 0;
 }
 
-#define qcow_config_help \
+#define plugin_config_help \
   "[file=]<FILENAME>     (required) The qcow2 image to serve.\n" \
   "create=true|force     Create the image first (force: overwrite).\n" \
   "size=<SIZE>           Virtual size of the new image (with create=).\n" \
@@ -285,7 +285,7 @@ started_readonly (void)
  * nbdkit at start-up.  With -r it is opened read-only; otherwise writable
  * if the file allows, and nothing is written until a client writes. */
 static int
-qcow_get_ready (void)
+plugin_get_ready (void)
 {
   config.read_only = started_readonly ();
   if (qcow_connect (filename, &config, &image) < 0)
@@ -331,13 +331,13 @@ qcow_get_ready (void)
 
 /* Threads must start after nbdkit forks into the background. */
 static int
-qcow_after_fork (void)
+plugin_after_fork (void)
 {
   return qcow_start_background (image) < 0 ? -1 : 0;
 }
 
 static void
-qcow_dump_plugin (void)
+plugin_dump_plugin (void)
 {
   printf ("qcow_version=%s\n", QCOW_LIB_VERSION);
   printf ("qcow_formats=qcow2-v2,qcow2-v3\n");
@@ -350,7 +350,7 @@ qcow_dump_plugin (void)
 /* The write locks were taken at start-up unless nbdkit runs with -r
  * (taking them is idempotent). */
 static void *
-qcow_open (int readonly)
+plugin_open (int readonly)
 {
   if (!readonly && qcow_lock_write (image) < 0)
     return NULL;
@@ -358,7 +358,7 @@ qcow_open (int readonly)
 }
 
 static int64_t
-qcow_get_size (void *handle UNUSED)
+plugin_get_size (void *handle UNUSED)
 {
   struct qcow_info info;
   qcow_get_info (image, &info);
@@ -366,20 +366,20 @@ qcow_get_size (void *handle UNUSED)
 }
 
 static int
-qcow_can_write (void *handle UNUSED)
+plugin_can_write (void *handle UNUSED)
 {
   struct qcow_info info;
   qcow_get_info (image, &info);
   return info.read_write;
 }
 
-static int qcow_can_multi_conn (void *handle UNUSED) { return 1; }
-static int qcow_can_flush (void *handle UNUSED) { return 1; }
-static int qcow_can_fua (void *handle UNUSED) { return NBDKIT_FUA_NATIVE; }
-static int qcow_can_extents (void *handle UNUSED) { return 1; }
-static int qcow_can_trim (void *handle UNUSED) { return 1; }
-static int qcow_can_zero (void *handle UNUSED) { return 1; }
-static int qcow_can_fast_zero (void *handle UNUSED) { return 1; }
+static int plugin_can_multi_conn (void *handle UNUSED) { return 1; }
+static int plugin_can_flush (void *handle UNUSED) { return 1; }
+static int plugin_can_fua (void *handle UNUSED) { return NBDKIT_FUA_NATIVE; }
+static int plugin_can_extents (void *handle UNUSED) { return 1; }
+static int plugin_can_trim (void *handle UNUSED) { return 1; }
+static int plugin_can_zero (void *handle UNUSED) { return 1; }
+static int plugin_can_fast_zero (void *handle UNUSED) { return 1; }
 
 /* Core errors are -errno; the message has already gone to nbdkit_error. */
 static int
@@ -392,14 +392,14 @@ ret (int r)
 }
 
 static int
-qcow_pread (void *handle UNUSED, void *buf, uint32_t count, uint64_t offset,
+plugin_pread (void *handle UNUSED, void *buf, uint32_t count, uint64_t offset,
             uint32_t flags UNUSED)
 {
   return ret (qcow_read (image, buf, count, offset));
 }
 
 static int
-qcow_pwrite (void *handle UNUSED, const void *buf, uint32_t count, uint64_t offset,
+plugin_pwrite (void *handle UNUSED, const void *buf, uint32_t count, uint64_t offset,
              uint32_t flags)
 {
   return ret (qcow_write (image, buf, count, offset,
@@ -407,14 +407,14 @@ qcow_pwrite (void *handle UNUSED, const void *buf, uint32_t count, uint64_t offs
 }
 
 static int
-qcow_trim (void *handle UNUSED, uint32_t count, uint64_t offset, uint32_t flags)
+plugin_trim (void *handle UNUSED, uint32_t count, uint64_t offset, uint32_t flags)
 {
   return ret (qcow_discard (image, count, offset,
                             flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0));
 }
 
 static int
-qcow_zero_cb (void *handle UNUSED, uint32_t count, uint64_t offset,
+plugin_zero (void *handle UNUSED, uint32_t count, uint64_t offset,
               uint32_t flags)
 {
   unsigned f = (flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0) |
@@ -424,13 +424,13 @@ qcow_zero_cb (void *handle UNUSED, uint32_t count, uint64_t offset,
 }
 
 static int
-qcow_flush_cb (void *handle UNUSED, uint32_t flags UNUSED)
+plugin_flush (void *handle UNUSED, uint32_t flags UNUSED)
 {
   return ret (qcow_flush (image));
 }
 
 static int
-qcow_extents (void *handle UNUSED, uint32_t count, uint64_t offset, uint32_t flags,
+plugin_extents (void *handle UNUSED, uint32_t count, uint64_t offset, uint32_t flags,
               struct nbdkit_extents *extents)
 {
   uint64_t end = offset + count;
@@ -456,31 +456,31 @@ static struct nbdkit_plugin plugin = {
   .longname          = "nbdkit qcow2 plugin",
   .version           = QCOW_LIB_VERSION,
   .description       = "Serve a qcow2 disk image read-write",
-  .load              = qcow_load,
-  .unload            = qcow_unload,
-  .config            = qcow_config_key,
-  .config_complete   = qcow_config_complete,
-  .config_help       = qcow_config_help,
+  .load              = plugin_load,
+  .unload            = plugin_unload,
+  .config            = plugin_config,
+  .config_complete   = plugin_config_complete,
+  .config_help       = plugin_config_help,
   .magic_config_key  = "file",
-  .get_ready         = qcow_get_ready,
-  .after_fork        = qcow_after_fork,
-  .dump_plugin       = qcow_dump_plugin,
-  .open              = qcow_open,
-  .get_size          = qcow_get_size,
-  .can_write         = qcow_can_write,
-  .can_multi_conn    = qcow_can_multi_conn,
-  .can_flush         = qcow_can_flush,
-  .can_fua           = qcow_can_fua,
-  .can_extents       = qcow_can_extents,
-  .can_trim          = qcow_can_trim,
-  .can_zero          = qcow_can_zero,
-  .can_fast_zero     = qcow_can_fast_zero,
-  .pread             = qcow_pread,
-  .pwrite            = qcow_pwrite,
-  .flush             = qcow_flush_cb,
-  .trim              = qcow_trim,
-  .zero              = qcow_zero_cb,
-  .extents           = qcow_extents,
+  .get_ready         = plugin_get_ready,
+  .after_fork        = plugin_after_fork,
+  .dump_plugin       = plugin_dump_plugin,
+  .open              = plugin_open,
+  .get_size          = plugin_get_size,
+  .can_write         = plugin_can_write,
+  .can_multi_conn    = plugin_can_multi_conn,
+  .can_flush         = plugin_can_flush,
+  .can_fua           = plugin_can_fua,
+  .can_extents       = plugin_can_extents,
+  .can_trim          = plugin_can_trim,
+  .can_zero          = plugin_can_zero,
+  .can_fast_zero     = plugin_can_fast_zero,
+  .pread             = plugin_pread,
+  .pwrite            = plugin_pwrite,
+  .flush             = plugin_flush,
+  .trim              = plugin_trim,
+  .zero              = plugin_zero,
+  .extents           = plugin_extents,
   .errno_is_preserved = 0,
 };
 

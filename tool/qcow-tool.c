@@ -1,6 +1,6 @@
 /* qcow-tool - inspect, create, resize, check and repair qcow2 images.
  *
- * Uses only the public core API (core/qcow.h, core/check.h).  Each
+ * Uses only the public core API (core/qcow.h).  Each
  * subcommand is one function in the dispatch table at the bottom; every
  * error is a single line "qcow-tool: FILE: problem" on stderr and exit
  * status 1.  check and repair exit as qemu-img check does: 0 clean,
@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "qcow.h"
-#include "check.h"
+#include "qcow.h"
 
 #define PROG "qcow-tool"
 

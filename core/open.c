@@ -1,0 +1,373 @@
+/* open.c - opening and closing an image: connect (with its backing chain,
+ * external data file and snapshots), the image locks, the first change
+ * (begin_modify), disconnect, and the queries on an open image.
+ *
+ * qcow_connect validates everything it will later trust (header, L1 and
+ * refcount tables, every table pointer) before it returns, and writes
+ * nothing: the first write-type request calls begin_modify, which takes
+ * the write locks, repairs a dirty image and sets the dirty bit (lazy
+ * refcounts).  The fields set here are constant once the image is shared,
+ * except those guarded by q->lock (see struct qcow). */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* ---- connect / disconnect ---- */
+static void
+qcow_free (struct qcow *q)
+{
+  stop_background (q);
+  backing_close (q);
+  snapshots_free (q);
+  cache_free (&q->l2_cache);
+  cache_free (&q->refblock_cache);
+  if (q->fd >= 0)
+    close (q->fd);
+  pthread_mutex_destroy (&q->lock);
+  pthread_cond_destroy (&q->alloc_cond);
+  pthread_rwlock_destroy (&q->io_lock);
+  pthread_mutex_destroy (&q->compact_lock);
+  pthread_mutex_destroy (&q->flush_lock);
+  pthread_cond_destroy (&q->bg_cond);
+  pthread_cond_destroy (&q->punch_cond);
+  free (q->l1);
+  free (q->rct);
+  free (q->pending_free);
+  free (q->zero_cluster);
+  free (q->filename);
+  free (q);
+}
+
+static int
+read_table (struct qcow *q, uint64_t **tp, uint64_t n, uint64_t offset)
+{
+  uint64_t *t = malloc (n ? n * 8 : 8);
+  if (!t) {
+    ERR (q, "out of memory for a table of %" PRIu64 " entries", n);
+    return -ENOMEM;
+  }
+  int r = io_pread_fd (q->fd, q->filename, t, n * 8, offset, false);
+  if (r < 0) {
+    free (t);
+    return r;
+  }
+  for (uint64_t i = 0; i < n; i++)
+    t[i] = be64toh (t[i]);
+  *tp = t;
+  return 0;
+}
+
+/* Every L2 table and refcount block the tables point to must lie inside
+ * the file, aligned, clear of the header, the L1 table and the refcount
+ * table: a file truncated or damaged there is refused at open. */
+static int
+check_tables (struct qcow *q)
+{
+  const uint64_t cs = q->cluster_size;
+  uint64_t l1a = q->h.l1_table_offset, l1b = l1a + (uint64_t) q->h.l1_size * 8;
+  uint64_t rta = q->h.refcount_table_offset, rtb = rta + q->rct_entries * 8;
+  for (int t = 0; t < 2; t++) {
+    const uint64_t *tab = t ? q->rct : q->l1;
+    uint64_t n = t ? q->rct_entries : q->h.l1_size;
+    const char *what = t ? "refcount block" : "L2 table";
+    for (uint64_t i = 0; i < n; i++) {
+      uint64_t off = tab[i] & (t ? RCT_OFFSET_MASK : L1_OFFSET_MASK);
+      if (!off)
+        continue;
+      const char *why = off % cs ? "is misaligned"
+        : off < cs ? "overlaps the header"
+        : off >= q->file_size ? "lies beyond the end of the file (truncated?)"
+        : (off < l1b && off + cs > l1a) ? "overlaps the L1 table"
+        : (off < rtb && off + cs > rta) ? "overlaps the refcount table"
+        : NULL;
+      if (why) {
+        ERR (q, "%s %" PRIu64 " at 0x%" PRIx64 " %s", what, i, off, why);
+        return -EINVAL;
+      }
+    }
+  }
+  return 0;
+}
+
+int
+qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
+{
+  static pthread_once_t env_once = PTHREAD_ONCE_INIT;
+  pthread_once (&env_once, fault_from_env);
+  struct chain chain = { .depth = 0 };
+  struct stat st;
+  if (stat (path, &st) == 0) {
+    chain.dev[0] = st.st_dev;
+    chain.ino[0] = st.st_ino;
+  }
+  return connect_chain (path, cfg, &chain, qp);
+}
+
+int
+connect_chain (const char *path, const struct qcow_config *cfg,
+               struct chain *chain, struct qcow **qp)
+{
+  struct qcow *q = calloc (1, sizeof *q);
+  if (!q || !(q->filename = strdup (path))) {
+    free (q);
+    qcow_errorf (path, "out of memory");
+    return -ENOMEM;
+  }
+  q->fd = q->backing_fd = q->data_fd = -1;
+  pthread_mutex_init (&q->lock, NULL);
+  pthread_cond_init (&q->alloc_cond, NULL);
+  pthread_mutex_init (&q->compact_lock, NULL);
+  pthread_mutex_init (&q->flush_lock, NULL);
+  pthread_cond_init (&q->bg_cond, NULL);
+  pthread_cond_init (&q->punch_cond, NULL);
+  q->punch_tail = &q->punch_head;
+  pthread_rwlockattr_t attr;
+  pthread_rwlockattr_init (&attr);
+  pthread_rwlockattr_setkind_np (&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init (&q->io_lock, &attr);
+  pthread_rwlockattr_destroy (&attr);
+  if (cfg)
+    q->cfg = *cfg;
+  else
+    qcow_config_default (&q->cfg);
+  q->read_only = q->cfg.read_only;
+
+  int r;
+  q->fd = open (path, (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (q->fd == -1 && !q->read_only && (errno == EACCES || errno == EROFS || errno == EPERM)) {
+    q->read_only = true;
+    q->fd = open (path, O_RDONLY | O_CLOEXEC);
+  }
+  if (q->fd == -1) {
+    r = -errno;
+    ERR (q, "%s", strerror (errno));
+    goto fail;
+  }
+  struct stat st;
+  if (fstat (q->fd, &st) == -1) {
+    r = -errno;
+    ERR (q, "stat: %s", strerror (errno));
+    goto fail;
+  }
+  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
+    ERR (q, "not a regular file or block device");
+    r = -EINVAL;
+    goto fail;
+  }
+  /* Read-only locks until the first change (or qcow_lock_write): taken
+   * before the header is read, so no QEMU writer is changing it. */
+  if ((r = lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_READ)) < 0)
+    goto fail;
+  off_t size = lseek (q->fd, 0, SEEK_END);
+  if (size < 0) {
+    r = -errno;
+    ERR (q, "seek: %s", strerror (errno));
+    goto fail;
+  }
+  q->file_size = size;
+
+  /* The header cluster: at most 2 MiB, zero padded past the end. */
+  uint8_t *buf = calloc (1, 1u << QCOW_MAX_CLUSTER_BITS);
+  if (!buf) { r = -ENOMEM; goto fail; }
+  r = io_pread_fd (q->fd, q->filename, buf, 4096, 0, true);
+  if (r == 0) {
+    uint32_t cb = rd32 (buf + 20);
+    if (rd32 (buf) == QCOW_MAGIC && cb > 12 && cb <= QCOW_MAX_CLUSTER_BITS)
+      r = io_pread_fd (q->fd, q->filename, buf, 1u << cb, 0, true);
+  }
+  if (r == 0)
+    r = header_parse (q, buf, q->file_size);
+  free (buf);
+  if (r < 0)
+    goto fail;
+
+  if (q->h.incompatible_features & QCOW_INCOMPAT_CORRUPT) {
+    q->corrupt = true;
+    q->read_only = true;
+  }
+  if ((r = read_table (q, &q->l1, q->h.l1_size, q->h.l1_table_offset)) < 0)
+    goto fail;
+  q->rct_entries = (uint64_t) q->h.refcount_table_clusters * q->cluster_size / 8;
+  if ((r = read_table (q, &q->rct, q->rct_entries, q->h.refcount_table_offset)) < 0)
+    goto fail;
+
+  if ((r = check_tables (q)) < 0)
+    goto fail;
+
+  /* Caches: enough L2 tables to map the whole image, up to 32 MiB. */
+  uint64_t budget = q->cfg.cache_size ? q->cfg.cache_size : 32u << 20;
+  uint64_t l2max = budget / q->cluster_size;
+  if (l2max > q->h.l1_size) l2max = q->h.l1_size;
+  uint64_t rbmax = budget / 4 / q->cluster_size;
+  if (rbmax > q->rct_entries) rbmax = q->rct_entries;
+  cache_init (&q->l2_cache, "L2 table", l2max < 16 ? 16 : l2max);
+  cache_init (&q->refblock_cache, "refcount block", rbmax < 16 ? 16 : rbmax);
+  if ((r = cache_resize_slots (&q->l2_cache, q->h.l1_size)) < 0 ||
+      (r = cache_resize_slots (&q->refblock_cache, q->rct_entries)) < 0)
+    goto fail;
+  q->frontier = div_round_up (q->file_size, q->cluster_size);
+  q->free_hint = 1;
+  if (!(q->zero_cluster = calloc (1, q->cluster_size))) {
+    r = -ENOMEM;
+    goto fail;
+  }
+  if ((r = snapshots_load (q)) < 0 || (r = data_file_open (q)) < 0 ||
+      (r = backing_open (q, chain)) < 0)
+    goto fail;
+  *qp = q;
+  return 0;
+ fail:
+  qcow_free (q);
+  return r;
+}
+
+/* ---- locking (lock.h) ---- */
+
+/* Move FD (the image, or the file WHAT) from lock state *STATE to TO. */
+int
+lock_change (struct qcow *q, int fd, const char *what,
+             enum qcow_lock *state, enum qcow_lock to)
+{
+  if (!q->cfg.locking || *state == to)
+    return 0;
+  char msg[256];
+  int r = qcow_lock_change (fd, NULL, *state, to, msg, sizeof msg);
+  if (r > 0) {
+    /* No locks here (old kernel, file system without locks): like
+     * QEMU's locking=auto, carry on without them. */
+    qcow_debugf ("%s%s%s: %s", q->filename, what ? ": " : "", what ? what : "", msg);
+    q->cfg.locking = false;
+    return 0;
+  }
+  if (r < 0) {
+    if (what)
+      ERR (q, "%s: %s", what, msg);
+    else
+      ERR (q, "%s", msg);
+    return r;
+  }
+  *state = to;
+  return 0;
+}
+
+/* The write locks, on the image and its external data file.  Called with
+ * q->lock held, or before the image is shared. */
+int
+lock_write (struct qcow *q)
+{
+  int r;
+  if (q->read_only || q->lock_state == QCOW_LOCK_WRITE)
+    return 0;
+  if ((r = lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_WRITE)) < 0)
+    return r;
+  if (q->data_fd != q->fd &&
+      (r = lock_change (q, q->data_fd, q->data_path, &q->data_lock_state,
+                        QCOW_LOCK_DATA_WRITE)) < 0)
+    lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_READ);
+  return r;
+}
+
+int
+qcow_lock_write (struct qcow *q)
+{
+  pthread_mutex_lock (&q->lock);
+  int r = lock_write (q);
+  pthread_mutex_unlock (&q->lock);
+  return r;
+}
+
+/* Before the first change: repair a dirty image, clear autoclear bits we
+ * do not maintain, and with lazy refcounts set the dirty bit. */
+int
+begin_modify (struct qcow *q)
+{
+  int r;
+  if (q->modified)
+    return 0;
+  if (q->read_only) {
+    if (q->corrupt)
+      ERR (q, "image is marked corrupt: refusing to write (repair it with "
+           "qemu-img check -r all)");
+    return -EROFS;
+  }
+  if ((r = lock_write (q)) < 0)
+    return r;
+  bool lazy = q->h.version >= 3 && (q->h.compatible_features & QCOW_COMPAT_LAZY_REFCOUNTS);
+  /* Autoclear bits first: the rebuild does not count what they describe
+   * (bitmaps), which must not be left claiming to be consistent. */
+  uint64_t keep_bits = q->data_raw ? QCOW_AUTOCLEAR_DATA_RAW : 0;
+  if (q->h.autoclear_features & ~keep_bits) {
+    q->h.autoclear_features &= keep_bits;
+    if ((r = header_write_fields (q, 88, 8)) < 0 || (r = io_sync (q)) < 0)
+      return r;
+  }
+  if (q->h.incompatible_features & QCOW_INCOMPAT_DIRTY) {
+    qcow_debugf ("%s: image is dirty: rebuilding refcounts", q->filename);
+    if ((r = rc_rebuild (q)) < 0)
+      return r;
+    if (!lazy &&
+        (r = header_set_incompat (q, q->h.incompatible_features & ~QCOW_INCOMPAT_DIRTY)) < 0)
+      return r;
+    q->dirty_bit_set = lazy;
+  }
+  if (lazy && !q->dirty_bit_set) {
+    if ((r = header_set_incompat (q, q->h.incompatible_features | QCOW_INCOMPAT_DIRTY)) < 0)
+      return r;
+    q->dirty_bit_set = true;
+  }
+  q->modified = true;
+  return 0;
+}
+
+int
+qcow_disconnect (struct qcow *q)
+{
+  int r = 0;
+  stop_background (q);
+  if (q->modified) {
+    r = flush_all (q);
+    pthread_mutex_lock (&q->lock);
+    if (r == 0)
+      r = metadata_sync (q);    /* refcounts changed by the frees */
+    if (r == 0)
+      r = io_sync (q);
+    if (r == 0 && q->dirty_bit_set)
+      r = header_set_incompat (q, q->h.incompatible_features & ~QCOW_INCOMPAT_DIRTY);
+    pthread_mutex_unlock (&q->lock);
+  }
+  qcow_free (q);
+  return r;
+}
+
+/* ---- queries ---- */
+void
+qcow_get_info (struct qcow *q, struct qcow_info *info)
+{
+  pthread_mutex_lock (&q->lock);
+  info->size = q->h.size;
+  info->cluster_size = q->cluster_size;
+  info->read_write = !q->read_only;
+  pthread_mutex_unlock (&q->lock);
+}
+
+void
+qcow_get_header (struct qcow *q, struct qcow_header *h)
+{
+  pthread_mutex_lock (&q->lock);
+  *h = q->h;
+  pthread_mutex_unlock (&q->lock);
+}
+
+void qcow_to_config (struct qcow *q, struct qcow_config *cfg) { *cfg = q->cfg; }
+const char *qcow_filename (struct qcow *q) { return q->filename; }
+
+void
+qcow_get_stats (struct qcow *q, struct qcow_stats *st)
+{
+  pthread_mutex_lock (&q->lock);
+  *st = q->stats;
+  pthread_mutex_unlock (&q->lock);
+}
