@@ -16,6 +16,37 @@
 
 #define MAX_CHAIN 16
 
+/* NAME, a file named by Q's header, resolved as QEMU does: a relative
+ * name against the directory of the image (the current directory if the
+ * image's name has none).  Returns NULL when out of memory. */
+static char *
+resolve_name (struct qcow *q, const char *name)
+{
+  char *path = NULL, *dir;
+  if (name[0] == '/')
+    return strdup (name);
+  if ((dir = strdup (q->filename)) &&
+      asprintf (&path, "%s/%s", dirname (dir), name) == -1)
+    path = NULL;
+  free (dir);
+  return path;
+}
+
+/* Open the local file PATH (read-only unless WRITE) into *BP, with the
+ * lock state TO.  WHAT names it in messages. */
+static int
+open_local (struct qcow *q, const char *what, const char *path, bool write,
+            enum qcow_lock to, struct qcow_backend **bp)
+{
+  int r = backend_open_file_flags (path, write ? O_RDWR : O_RDONLY, 0, bp);
+  if (r < 0) {
+    ERR (q, "%s %s: %s", what, path, r == -ENODEV ?
+         "not a regular file or block device" : strerror (-r));
+    return r;
+  }
+  return lock_change (q, *bp, to);
+}
+
 /* Open the backing file named by Q's header (or by the overrides in
  * Q's config).  CHAIN holds the (dev, ino) of every image above. */
 int
@@ -50,16 +81,7 @@ backing_open (struct qcow *q, struct chain *chain)
   }
 
   /* Relative names resolve against the image's directory, as QEMU does. */
-  char *path;
-  if (name[0] == '/' || q->cfg.backing_file)
-    path = strdup (name);
-  else {
-    char *dir = strdup (q->filename);
-    path = NULL;
-    if (dir && asprintf (&path, "%s/%s", dirname (dir), name) == -1)
-      path = NULL;
-    free (dir);
-  }
+  char *path = q->cfg.backing_file ? strdup (name) : resolve_name (q, name);
   if (!path)
     return -ENOMEM;
   q->backing_path = path;
@@ -78,21 +100,10 @@ backing_open (struct qcow *q, struct chain *chain)
     }
 
   if (raw) {
-    q->backing_fd = open (path, O_RDONLY | O_CLOEXEC);
-    if (q->backing_fd == -1) {
-      r = -errno;
-      ERR (q, "backing file %s: %s", path, strerror (errno));
+    if ((r = open_local (q, "backing file", path, false, QCOW_LOCK_READ,
+                         &q->backing_raw)) < 0)
       return r;
-    }
-    off_t size = lseek (q->backing_fd, 0, SEEK_END);
-    if (size < 0) {
-      r = -errno;
-      ERR (q, "backing file %s: %s", path, strerror (errno));
-      return r;
-    }
-    q->backing_size = size;
-    enum qcow_lock state = QCOW_LOCK_NONE;
-    return lock_change (q, q->backing_fd, path, &state, QCOW_LOCK_READ);
+    return io_bsize (q->backing_raw, &q->backing_size);
   }
   struct qcow_config cfg;
   qcow_config_default (&cfg);
@@ -102,7 +113,13 @@ backing_open (struct qcow *q, struct chain *chain)
   chain->depth++;
   chain->dev[chain->depth] = st.st_dev;
   chain->ino[chain->depth] = st.st_ino;
-  r = connect_chain (path, &cfg, chain, &q->backing);
+  struct qcow_backend *b;
+  if ((r = backend_open_file_flags (path, O_RDONLY, 0, &b)) < 0) {
+    ERR (q, "backing file %s: %s", path, strerror (-r));
+    chain->depth--;
+    return r;
+  }
+  r = connect_chain (b, &cfg, chain, &q->backing);
   chain->depth--;
   if (r < 0)
     return r;
@@ -113,17 +130,16 @@ backing_open (struct qcow *q, struct chain *chain)
 void
 backing_close (struct qcow *q)
 {
-  if (q->data_fd >= 0 && q->data_fd != q->fd)
-    close (q->data_fd);
-  q->data_fd = -1;
+  if (q->data != q->img)
+    qcow_backend_free (q->data);
+  q->data = q->img;
   free (q->data_path);
   q->data_path = NULL;
   if (q->backing)
     qcow_disconnect (q->backing);
-  if (q->backing_fd >= 0)
-    close (q->backing_fd);
+  qcow_backend_free (q->backing_raw);
   q->backing = NULL;
-  q->backing_fd = -1;
+  q->backing_raw = NULL;
   free (q->backing_path);
   q->backing_path = NULL;
 }
@@ -138,7 +154,7 @@ backing_read (struct qcow *q, void *buf, uint64_t count, uint64_t offset)
   int r = 0;
   if (n > 0)
     r = q->backing ? qcow_read (q->backing, buf, n, offset)
-                   : io_pread_fd (q->backing_fd, q->backing_path, buf, n, offset, true);
+                   : io_bpread (q->backing_raw, buf, n, offset);
   if (r == 0 && n < count)
     memset ((uint8_t *) buf + n, 0, count - n);
   return r;
@@ -179,7 +195,7 @@ qcow_backing_info (struct qcow *q, const char **path, const char **format,
 int
 data_file_open (struct qcow *q)
 {
-  q->data_fd = q->fd;
+  q->data = q->img;
   if (!(q->h.incompatible_features & QCOW_INCOMPAT_DATA_FILE))
     return 0;
   const char *name = q->cfg.data_file ? q->cfg.data_file : q->h.data_file;
@@ -192,23 +208,9 @@ data_file_open (struct qcow *q)
     ERR (q, "a raw external data file cannot be combined with a backing file");
     return -EINVAL;
   }
-  if (name[0] == '/' || q->cfg.data_file)
-    q->data_path = strdup (name);
-  else {
-    char *dir = strdup (q->filename);
-    if (dir && asprintf (&q->data_path, "%s/%s", dirname (dir), name) == -1)
-      q->data_path = NULL;
-    free (dir);
-  }
+  q->data_path = q->cfg.data_file ? strdup (name) : resolve_name (q, name);
   if (!q->data_path)
     return -ENOMEM;
-  int fd = open (q->data_path, (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-  if (fd == -1) {
-    int e = errno;
-    ERR (q, "external data file %s: %s", q->data_path, strerror (e));
-    return -e;
-  }
-  q->data_fd = fd;
-  return lock_change (q, fd, q->data_path, &q->data_lock_state,
-                      QCOW_LOCK_DATA_READ);
+  return open_local (q, "external data file", q->data_path, !q->read_only,
+                     QCOW_LOCK_DATA_READ, &q->data);
 }

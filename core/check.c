@@ -171,7 +171,7 @@ struct doubt {
 };
 
 struct walk {
-  int fd;
+  struct qcow_backend *b;   /* the image (read through its callbacks) */
   uint64_t file_size;
   struct qcow_header h;
   unsigned cluster_bits, esh, rb_bits;
@@ -291,22 +291,11 @@ static int
 rd (struct walk *w, void *buf, uint64_t len, uint64_t off)
 {
   uint8_t *p = buf;
-  uint64_t done = 0;
-  while (done < len) {
-    ssize_t r = pread (w->fd, p + done, len - done, (off_t) (off + done));
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0) {
-      w->err = -errno;
-      fail (w->res, "read error at offset %" PRIu64 ": %s",
-            off + done, strerror (-w->err));
-      return w->err;
-    }
-    if (r == 0) {
-      memset (p + done, 0, len - done);
-      break;
-    }
-    done += r;
+  int r = w->b->ops.pread (w->b->opaque, p, len, off);
+  if (r < 0) {
+    w->err = r;
+    fail (w->res, "read error at offset %" PRIu64 ": %s", off, strerror (-r));
+    return r;
   }
   if (w->overlay && w->overlay->n) {
     const struct fixes *o = w->overlay;
@@ -1033,28 +1022,18 @@ walk_bitmaps (struct walk *w)
 
 /* ---- the header ---- */
 
-/* Parse the header from W->fd: fills W's geometry.  Refuses (with the
+/* Parse the header from W->b: fills W's geometry.  Refuses (with the
  * reason in W->res) only what makes the tables unreadable. */
 static int
 parse_header (struct walk *w)
 {
   struct qcow_check_result *res = w->res;
   struct qcow_header *h = &w->h;
-  struct stat st;
-  if (fstat (w->fd, &st) == -1) {
-    int e = errno;
-    fail (res, "stat: %s", strerror (e));
-    return -e;
-  }
-  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
-    fail (res, "not a regular file or block device");
-    return -EINVAL;
-  }
-  off_t size = lseek (w->fd, 0, SEEK_END);
-  if (size < 0) {
-    int e = errno;
-    fail (res, "seek: %s", strerror (e));
-    return -e;
+  uint64_t size;
+  int e = w->b->ops.get_size (w->b->opaque, &size);
+  if (e < 0) {
+    fail (res, "size: %s", strerror (-e));
+    return e;
   }
   w->file_size = res->file_size = size;
 
@@ -1286,12 +1265,13 @@ walk_image (struct walk *w)
   return 0;
 }
 
-/* Check the image open on FD (which must not change meanwhile). */
+/* Check the image on B (which must not change meanwhile). */
 int
-check_fd (int fd, struct qcow_check_result *res, qcow_check_cb cb, void *opaque)
+check_image (struct qcow_backend *b, struct qcow_check_result *res,
+             qcow_check_cb cb, void *opaque)
 {
   memset (res, 0, sizeof *res);
-  struct walk w = { .fd = fd, .res = res, .cb = cb, .opaque = opaque };
+  struct walk w = { .b = b, .res = res, .cb = cb, .opaque = opaque };
   int r = walk_image (&w);
   walk_free (&w);
   return r;
@@ -1307,7 +1287,7 @@ qcow_check (struct qcow *q, struct qcow_check_result *res, qcow_check_cb cb,
   if (r == 0 && !q->read_only)
     r = io_sync (q);
   if (r == 0)
-    r = check_fd (q->fd, res, cb, opaque);
+    r = check_image (q->img, res, cb, opaque);
   pthread_mutex_unlock (&q->lock);
   pthread_rwlock_unlock (&q->io_lock);
   return r;
@@ -1318,22 +1298,29 @@ qcow_check_file (const char *path, struct qcow_check_result *res,
                  qcow_check_cb cb, void *opaque)
 {
   memset (res, 0, sizeof *res);
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
-  if (fd == -1) {
-    int e = errno;
-    fail (res, "%s", strerror (e));
-    return -e;
-  }
-  char lockmsg[256] = "";
-  int r = qcow_lock_image (fd, NULL, false, lockmsg, sizeof lockmsg);
+  struct qcow_backend *b;
+  int r = backend_open_file_flags (path, O_RDONLY, 0, &b);
   if (r < 0) {
-    fail (res, "%s", lockmsg);
-    close (fd);
+    fail (res, "%s", r == -ENODEV ? "not a regular file or block device"
+          : strerror (-r));
     return r;
   }
-  r = check_fd (fd, res, cb, opaque);
-  close (fd);
+  char lockmsg[256] = "";
+  if ((r = backend_lock (b, QCOW_LOCK_READ, lockmsg, sizeof lockmsg)) < 0) {
+    fail (res, "%s", lockmsg);
+    qcow_backend_free (b);
+    return r;
+  }
+  r = check_image (b, res, cb, opaque);
+  qcow_backend_free (b);
   return r;
+}
+
+int
+qcow_check_backend (struct qcow_backend *b, struct qcow_check_result *res,
+                    qcow_check_cb cb, void *opaque)
+{
+  return check_image (b, res, cb, opaque);
 }
 
 /* ---- repair ---- */
@@ -1405,12 +1392,12 @@ decide_doubts (struct walk *w)
  * applied.  Returns 1 if it added fixes to PLAN (walk again), 0 when the
  * plan is complete, -errno with the reason in WHY. */
 static int
-plan_round (int fd, struct fixes *plan, char *why,
+plan_round (struct qcow_backend *b, struct fixes *plan, char *why,
             size_t whylen)
 {
   struct qcow_check_result scratch;
   memset (&scratch, 0, sizeof scratch);
-  struct walk w = { .fd = fd, .res = &scratch, .plan = true,
+  struct walk w = { .b = b, .res = &scratch, .plan = true,
                     .overlay = plan };
   int r = walk_image (&w);
   if (r < 0) {
@@ -1460,11 +1447,11 @@ plan_round (int fd, struct fixes *plan, char *why,
 
 /* Plan every fix for the image open on FD. */
 static int
-plan_repair (int fd, struct fixes *plan,
+plan_repair (struct qcow_backend *b, struct fixes *plan,
              char *why, size_t whylen)
 {
   for (int round = 0; round < MAX_ROUNDS; round++) {
-    int r = plan_round (fd, plan, why, whylen);
+    int r = plan_round (b, plan, why, whylen);
     if (r <= 0)
       return r;
   }
@@ -1474,33 +1461,31 @@ plan_repair (int fd, struct fixes *plan,
 
 /* Write each fix's value (or, with UNDO, its saved original). */
 static int
-write_fixes (int fd, const struct fixes *plan, const uint64_t *orig, bool undo)
+write_fixes (struct qcow_backend *b, const struct fixes *plan,
+             const uint64_t *orig, bool undo)
 {
   for (size_t i = 0; i < plan->n; i++) {
     uint8_t be[8];
     wr64 (be, undo ? orig[i] : plan->v[i].val);
-    if (pwrite (fd, be, 8, (off_t) plan->v[i].off) != 8)
-      return errno ? -errno : -EIO;
+    int r = b->ops.pwrite (b->opaque, be, 8, plan->v[i].off);
+    if (r < 0)
+      return r;
   }
-  return fdatasync (fd) == -1 ? -errno : 0;
+  return b->ops.flush (b->opaque);
 }
 
-/* Open PATH read-write and lock it as QEMU's writers do. */
+/* Open PATH read-write into *BP and lock it as QEMU's writers do. */
 static int
-open_locked (const char *path, char *why, size_t whylen)
+open_locked (const char *path, struct qcow_backend **bp, char *why, size_t whylen)
 {
-  int fd = open (path, O_RDWR | O_CLOEXEC);
-  if (fd == -1) {
-    int e = errno;
-    snprintf (why, whylen, "%s", strerror (e));
-    return -e;
-  }
-  int r = qcow_lock_image (fd, NULL, true, why, whylen);
+  int r = backend_open_file_flags (path, O_RDWR, 0, bp);
   if (r < 0) {
-    close (fd);
+    snprintf (why, whylen, "%s", strerror (-r));
     return r;
   }
-  return fd;
+  if ((r = backend_lock (*bp, QCOW_LOCK_WRITE, why, whylen)) < 0)
+    qcow_backend_free (*bp);
+  return r;
 }
 
 /* Put the saved entries back (the repair could not be completed). */
@@ -1509,10 +1494,12 @@ rollback (const char *path, const struct fixes *plan, const uint64_t *orig,
           struct qcow_repair_result *res)
 {
   char why[256];
-  int fd = open_locked (path, why, sizeof why);
-  int r = fd < 0 ? fd : write_fixes (fd, plan, orig, true);
-  if (fd >= 0)
-    close (fd);
+  struct qcow_backend *b;
+  int r = open_locked (path, &b, why, sizeof why);
+  if (r == 0) {
+    r = write_fixes (b, plan, orig, true);
+    qcow_backend_free (b);
+  }
   if (r == 0)
     res->repaired = false;
   else
@@ -1540,16 +1527,16 @@ qcow_repair_file (const char *path, struct qcow_repair_result *res)
   char why[256] = "";
   struct fixes plan = { 0 };
   uint64_t *orig = NULL;
-  int fd = open_locked (path, why, sizeof why);
-  if (fd < 0) {
-    r = fd;
+  struct qcow_backend *b = NULL;
+  if ((r = open_locked (path, &b, why, sizeof why)) < 0) {
+    b = NULL;
     goto refused;
   }
-  if ((r = plan_repair (fd, &plan, why, sizeof why)) < 0)
+  if ((r = plan_repair (b, &plan, why, sizeof why)) < 0)
     goto refused;
   uint64_t incompat;
   uint8_t be[8];
-  if (pread (fd, be, 8, 72) != 8) {
+  if (b->ops.pread (b->opaque, be, 8, 72) < 0) {
     r = -EIO;
     snprintf (why, sizeof why, "cannot read the header");
     goto refused;
@@ -1570,7 +1557,7 @@ qcow_repair_file (const char *path, struct qcow_repair_result *res)
     goto refused;
   }
   for (size_t i = 0; i < plan.n; i++) {
-    if (pread (fd, be, 8, (off_t) plan.v[i].off) != 8) {
+    if (b->ops.pread (b->opaque, be, 8, plan.v[i].off) < 0) {
       r = -EIO;
       snprintf (why, sizeof why, "cannot read the entry at 0x%" PRIx64,
                 plan.v[i].off);
@@ -1587,17 +1574,17 @@ qcow_repair_file (const char *path, struct qcow_repair_result *res)
   }
   if (plan.n) {
     res->repaired = true;
-    if ((r = write_fixes (fd, &plan, orig, false)) < 0) {
+    if ((r = write_fixes (b, &plan, orig, false)) < 0) {
       snprintf (res->reason, sizeof res->reason, "writing the fixes failed: %s",
                 strerror (-r));
-      close (fd);
-      fd = -1;
+      qcow_backend_free (b);
+      b = NULL;
       rollback (path, &plan, orig, res);
       goto out;
     }
   }
-  close (fd);
-  fd = -1;
+  qcow_backend_free (b);
+  b = NULL;
 
   /* Recount the refcounts from the fixed tables. */
   if (res->before.verdict != QCOW_CHECK_CLEAN) {
@@ -1649,8 +1636,7 @@ qcow_repair_file (const char *path, struct qcow_repair_result *res)
 
  refused:
   snprintf (res->reason, sizeof res->reason, "cannot repair: %.230s", why);
-  if (fd >= 0)
-    close (fd);
+  qcow_backend_free (b);
   res->entries_cleared = res->entries_realigned = 0;
   res->reserved_cleared = res->copied_fixed = 0;
   res->corrupt_bit_cleared = false;

@@ -410,7 +410,11 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
       r = count_used (q, &used, &end);
     uint64_t keep = div_round_up (q->cfg.keep_erased, q->cluster_size);
     uint64_t new_size = (end + keep) << q->cluster_bits;
-    if (r == 0 && new_size < q->file_size && q->inflight == NULL) {
+    /* Storage of a fixed size keeps it: what is past END is free space,
+     * given back cluster by cluster as it was freed. */
+    if (r == 0 && q->fixed_size && q->free_hint > end)
+      q->free_hint = end;
+    if (r == 0 && !q->fixed_size && new_size < q->file_size && q->inflight == NULL) {
       if ((r = io_truncate (q, new_size)) == 0) {
         q->file_size = new_size;
         q->frontier = end + keep;

@@ -30,94 +30,119 @@ qcow_create_opts_default (struct qcow_create_opts *o)
 }
 
 /* ---- create ---- */
-int
-qcow_create (const char *path, const struct qcow_create_opts *o, bool overwrite)
+
+/* The options checked and rounded; *L1_SIZE gets the L1 entries. */
+static int
+check_opts (const char *name, const struct qcow_create_opts *o,
+            struct qcow_create_opts *opts, uint64_t *l1_size)
 {
   if (o->cluster_bits < QCOW_MIN_CLUSTER_BITS || o->cluster_bits > QCOW_MAX_CLUSTER_BITS) {
-    qcow_errorf (path, "cluster size must be a power of two between 512 and 2M");
+    qcow_errorf (name, "cluster size must be a power of two between 512 and 2M");
     return -EINVAL;
   }
   if (o->version != 2 && o->version != 3) {
-    qcow_errorf (path, "version must be 2 or 3");
+    qcow_errorf (name, "version must be 2 or 3");
     return -EINVAL;
   }
   if (o->refcount_order > 6 || (o->version == 2 && o->refcount_order != 4)) {
-    qcow_errorf (path, "refcount width must be 1..64 bits (16 for version 2)");
+    qcow_errorf (name, "refcount width must be 1..64 bits (16 for version 2)");
     return -EINVAL;
   }
   if (o->version == 2 && o->lazy_refcounts) {
-    qcow_errorf (path, "lazy refcounts need version 3 (compat=1.1)");
+    qcow_errorf (name, "lazy refcounts need version 3 (compat=1.1)");
     return -EINVAL;
   }
   const uint64_t cs = 1ULL << o->cluster_bits;
-  struct qcow_create_opts opts = *o;
-  opts.size = (o->size + 511) & ~511ULL;
-  uint64_t l1_size = div_round_up (opts.size, cs << (o->cluster_bits - 3));
-  if (opts.size > (1ULL << 62) || l1_size > QCOW_MAX_L1_BYTES / 8) {
-    qcow_errorf (path, "virtual size %" PRIu64 " is too large for %" PRIu64
+  *opts = *o;
+  opts->size = (o->size + 511) & ~511ULL;
+  *l1_size = div_round_up (opts->size, cs << (o->cluster_bits - 3));
+  if (opts->size > (1ULL << 62) || *l1_size > QCOW_MAX_L1_BYTES / 8) {
+    qcow_errorf (name, "virtual size %" PRIu64 " is too large for %" PRIu64
                  "-byte clusters", o->size, cs);
     return -EFBIG;
   }
+  return 0;
+}
+
+int
+qcow_create_backend (struct qcow_backend *b, const struct qcow_create_opts *o)
+{
+  struct qcow_create_opts opts;
+  uint64_t l1_size, size;
+  int r = check_opts (b->name, o, &opts, &l1_size);
+  if (r < 0)
+    return r;
+  if (b->read_only) {
+    qcow_errorf (b->name, "cannot create an image: the storage is read-only");
+    return -EROFS;
+  }
+  if ((r = io_bsize (b, &size)) < 0)
+    return r;
+  const uint64_t cs = 1ULL << o->cluster_bits;
   uint64_t l1_clusters = div_round_up (l1_size * 8, cs);
   if (l1_clusters == 0)
     l1_clusters = 1;
 
-  /* No O_TRUNC: an image in use is refused before it is truncated. */
-  int fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC | (overwrite ? 0 : O_EXCL), 0644);
-  if (fd == -1) {
-    int e = errno;
-    qcow_errorf (path, "%s", e == EEXIST ? "file exists" : strerror (e));
-    return -e;
-  }
-  char lockmsg[256];
-  int r = qcow_lock_image (fd, NULL, true, lockmsg, sizeof lockmsg);
-  if (r < 0) {
-    qcow_errorf (path, "%s", lockmsg);
-    close (fd);
-    return r;
-  }
   r = -ENOMEM;
-  uint8_t *hdr = calloc (1, cs);
+  uint8_t *hdr = calloc (1, cs), *zero = calloc (l1_clusters, cs);
   uint16_t *counts = calloc (1 + l1_clusters, sizeof *counts);
-  if (!hdr || !counts)
+  if (!hdr || !zero || !counts)
     goto out;
-  if (overwrite && ftruncate (fd, 0) == -1) {
-    r = -errno;
-    qcow_errorf (path, "truncate: %s", strerror (errno));
-    goto out;
-  }
   header_build (hdr, cs, &opts, cs, l1_size);
   for (uint64_t i = 0; i < 1 + l1_clusters; i++)
     counts[i] = 1;
   uint64_t rct_off, end;
   uint32_t rct_clusters;
-  r = rc_write_structure (fd, path, o->cluster_bits, opts.refcount_order,
-                          counts, 1 + l1_clusters, &rct_off, &rct_clusters, &end);
+  r = rc_write_structure (b, o->cluster_bits, opts.refcount_order, counts,
+                          1 + l1_clusters, b->ops.truncate ? UINT64_MAX : size / cs,
+                          &rct_off, &rct_clusters, &end);
   if (r < 0)
     goto out;
   wr64 (hdr + 48, rct_off);
   wr32 (hdr + 56, rct_clusters);
-  /* The L1 table: zeros (written so the file covers it). */
-  uint8_t *zero = calloc (l1_clusters, cs);
-  if (!zero) { r = -ENOMEM; goto out; }
-  r = io_pwrite_fd (fd, path, zero, l1_clusters * cs, cs);
-  free (zero);
-  if (r < 0)
+  /* The L1 table: zeros (written so the file covers it), then the header
+   * last, so that a crash before it leaves no half image behind. */
+  if ((r = io_bpwrite (b, zero, l1_clusters * cs, cs)) < 0 ||
+      (r = io_bflush (b)) < 0 || (r = io_bpwrite (b, hdr, cs, 0)) < 0)
     goto out;
-  if ((r = io_pwrite_fd (fd, path, hdr, cs, 0)) < 0)
-    goto out;
-  if (ftruncate (fd, end * cs) == -1 || fsync (fd) == -1) {
-    r = -errno;
-    qcow_errorf (path, "%s", strerror (errno));
+  if (b->ops.truncate && (r = b->ops.truncate (b->opaque, end * cs)) < 0) {
+    qcow_errorf (b->name, "truncate: %s", strerror (-r));
     goto out;
   }
-  r = 0;
+  r = io_bflush (b);
  out:
   free (hdr);
+  free (zero);
   free (counts);
-  if (close (fd) == -1 && r == 0) {
-    r = -errno;
-    qcow_errorf (path, "close: %s", strerror (errno));
+  return r;
+}
+
+int
+qcow_create (const char *path, const struct qcow_create_opts *o, bool overwrite)
+{
+  struct qcow_create_opts opts;
+  uint64_t l1_size;
+  int r = check_opts (path, o, &opts, &l1_size);
+  if (r < 0)
+    return r;
+  /* No O_TRUNC: an image in use is refused before it is truncated. */
+  struct qcow_backend *b;
+  r = backend_open_file_flags (path, O_RDWR | O_CREAT | (overwrite ? 0 : O_EXCL),
+                               0644, &b);
+  if (r < 0) {
+    qcow_errorf (path, "%s", r == -EEXIST ? "file exists" : strerror (-r));
+    return r;
   }
+  char lockmsg[256];
+  if ((r = backend_lock (b, QCOW_LOCK_WRITE, lockmsg, sizeof lockmsg)) < 0) {
+    qcow_errorf (path, "%s", lockmsg);
+    qcow_backend_free (b);
+    return r;
+  }
+  if (overwrite && b->ops.truncate && (r = b->ops.truncate (b->opaque, 0)) < 0)
+    qcow_errorf (path, "truncate: %s", strerror (-r));
+  if (r == 0)
+    r = qcow_create_backend (b, o);
+  qcow_backend_free (b);
   return r;
 }

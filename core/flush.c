@@ -211,10 +211,13 @@ bg_main (void *arg)
     uint64_t freed = (q->stats.freed - q->bg_freed_mark + q->npending) * q->cluster_size;
     if (q->bg_stop || freed < q->cfg.compact_after_unmaps)
       continue;
+    q->bg_compacting = true;
+    pthread_cond_broadcast (&q->punch_cond);  /* see wait_for_punching */
     pthread_mutex_unlock (&q->lock);
     struct qcow_compact_result res;
     int r = qcow_compact (q, NULL, NULL, &res);
     pthread_mutex_lock (&q->lock);
+    q->bg_compacting = false;
     q->bg_freed_mark = q->stats.freed;
     q->stats.compactions++;
     qcow_debugf ("%s: background compaction: %s, %" PRIu64 " references "

@@ -78,6 +78,20 @@ struct cache {
   struct centry lru;       /* sentinel */
 };
 
+/* ---- backend.c: the storage under an image (qcow.h) ---- */
+#define IOV_MAX_CORE 8     /* pieces of one pwritev, at most */
+struct qcow_backend {
+  struct qcow_backend_ops ops;
+  void *opaque;
+  char *name;              /* for messages; its directory resolves
+                              relative backing file names */
+  bool read_only;          /* no pwrite */
+  int fd;                  /* a local file's descriptor (locks), else -1 */
+  dev_t dev;               /* a local file: its identity (chain loops) */
+  ino_t ino;
+  enum qcow_lock lock_state;   /* what fd holds (lock.h) */
+};
+
 /* ---- the image ---- */
 struct inflight {          /* a guest cluster range being allocated */
   uint64_t first, count;   /* guest cluster numbers */
@@ -100,8 +114,10 @@ struct snapshot {
 };
 
 struct qcow {
-  char *filename;
-  int fd;
+  char *filename;          /* the image's name in messages (img->name) */
+  struct qcow_backend *img;/* the storage holding the image */
+  bool fixed_size;         /* it cannot grow: clusters come from below
+                              file_size, or -ENOSPC */
   bool read_only;          /* never write */
   bool corrupt;            /* header corrupt bit: forced read-only */
   struct qcow_config cfg;
@@ -112,16 +128,14 @@ struct qcow {
   uint64_t snap_table_len;
 
   /* external data file (guest data at host offset = guest offset, not
-   * refcounted); data_fd == fd when there is none */
-  int data_fd;
-  enum qcow_lock lock_state;      /* what fd holds (lock.h) */
-  enum qcow_lock data_lock_state; /* what data_fd holds, if not fd */
+   * refcounted); data == img when there is none */
+  struct qcow_backend *data;
   char *data_path;
   bool data_raw;           /* autoclear bit 1: it is a valid raw image */
 
   /* backing file */
   struct qcow *backing;    /* qcow2 backing image, or */
-  int backing_fd;          /* raw backing file, or -1 */
+  struct qcow_backend *backing_raw;   /* raw backing file, or NULL */
   char *backing_path;      /* NULL: no backing file */
   char backing_fmt[8];
   uint64_t backing_size;
@@ -144,6 +158,7 @@ struct qcow {
   pthread_mutex_t flush_lock;    /* one flush_all at a time */
   pthread_t bg_thread;     /* background hole punching and compaction */
   bool bg_running, bg_stop;
+  bool bg_compacting;      /* it is compacting (wants io_lock exclusively) */
   pthread_cond_t bg_cond;
   uint64_t bg_freed_mark;  /* stats.freed at the last compaction */
   /* Frees taken by flush_all whose holes the background thread punches
@@ -203,20 +218,31 @@ grow_array (void *v, size_t n, size_t *cap, size_t size, size_t first)
   return p;
 }
 
-/* ---- io.c ---- */
+/* ---- io.c: the core's I/O on backends (messages, fault injection) ---- */
 extern __thread bool qcow_in_background;   /* set in the background thread */
+/* On any backend B: reads give zeros past its end. */
+int io_bpread (struct qcow_backend *b, void *buf, size_t count, uint64_t offset);
+int io_bpwrite (struct qcow_backend *b, const void *buf, size_t count, uint64_t offset);
+int io_bflush (struct qcow_backend *b);
+int io_bsize (struct qcow_backend *b, uint64_t *size);
+/* On the image's storage. */
 int io_pread (struct qcow *q, void *buf, size_t count, uint64_t offset);
-int io_pread_fd (int fd, const char *file, void *buf, size_t count, uint64_t offset, bool zero_past_eof);
+int io_pread_inside (struct qcow *q, void *buf, size_t count, uint64_t offset);
 int io_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
-int io_pwrite_fd (int fd, const char *file, const void *buf, size_t count, uint64_t offset);
 int io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
 int io_sync (struct qcow *q);
 int io_punch (struct qcow *q, bool data, uint64_t offset, uint64_t len);
+int io_truncate (struct qcow *q, uint64_t size);
+/* Guest data: in the image, or in its external data file. */
 int io_data_pread (struct qcow *q, void *buf, size_t count, uint64_t offset);
 int io_data_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset);
 int io_data_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset);
-int io_truncate (struct qcow *q, uint64_t size);
 void fault_from_env (void);
+
+/* ---- backend.c ---- */
+int backend_open_file_flags (const char *path, int flags, mode_t mode,
+                             struct qcow_backend **bp);
+int backend_lock (struct qcow_backend *b, enum qcow_lock to, char *msg, size_t len);
 
 /* ---- header.c ---- */
 void header_read_fields (const uint8_t *buf, struct qcow_header *h,
@@ -263,10 +289,10 @@ void rc_deferred_punch_part (struct qcow *q, struct freeing *f, size_t i, size_t
 int rc_deferred_drop (struct qcow *q, struct freeing *f, size_t *i, uint64_t last);
 int rc_deferred_finish (struct qcow *q, struct freeing *f);
 int rct_commit_switch (struct qcow *q);
-int rc_write_structure (int fd, const char *file, unsigned cluster_bits,
+int rc_write_structure (struct qcow_backend *b, unsigned cluster_bits,
                         unsigned refcount_order, const uint16_t *counts,
-                        uint64_t nclusters, uint64_t *rct_offset, uint32_t *rct_clusters,
-                        uint64_t *new_end);
+                        uint64_t nclusters, uint64_t limit, uint64_t *rct_offset,
+                        uint32_t *rct_clusters, uint64_t *new_end);
 
 /* ---- rebuild.c ---- */
 int rc_rebuild (struct qcow *q);
@@ -321,10 +347,9 @@ int snapshots_load (struct qcow *q);
 void snapshots_free (struct qcow *q);
 
 /* ---- open.c ---- */
-int connect_chain (const char *path, const struct qcow_config *cfg,
+int connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
                    struct chain *chain, struct qcow **qp);
-int lock_change (struct qcow *q, int fd, const char *what,
-                 enum qcow_lock *state, enum qcow_lock to);
+int lock_change (struct qcow *q, struct qcow_backend *b, enum qcow_lock to);
 int lock_write (struct qcow *q);
 int begin_modify (struct qcow *q);
 
@@ -339,6 +364,7 @@ int flush_all (struct qcow *q);
 void stop_background (struct qcow *q);
 
 /* ---- check.c ---- */
-int check_fd (int fd, struct qcow_check_result *res, qcow_check_cb cb, void *opaque);
+int check_image (struct qcow_backend *b, struct qcow_check_result *res,
+                 qcow_check_cb cb, void *opaque);
 
 #endif /* QCOW_INTERNAL_H */

@@ -1,9 +1,12 @@
-/* io.c - the file backend: complete pread/pwrite loops and fdatasync. */
-#include <fcntl.h>
-#include <unistd.h>
-#include <stdlib.h>
-#include <sys/uio.h>
+/* io.c - the core's I/O on its backends: every read, write, flush, punch
+ * and truncate of an image, its data file and its raw backing file goes
+ * through here, so that fault injection (the OCaml library's Debug
+ * module) works on every backend, failed I/O is reported in one place
+ * (naming the file), and the image's known size and "data written since
+ * the last sync" flag are kept.  Below it is only the backend
+ * (backend.c). */
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "internal.h"
 
@@ -101,70 +104,95 @@ where (void)
   return qcow_in_background ? " in the background thread" : "";
 }
 
-int
-io_pread_fd (int fd, const char *file, void *buf, size_t count, uint64_t offset,
-             bool zero_past_eof)
+/* What OP on B failed with, in one line naming B's file. */
+static int
+io_error (struct qcow_backend *b, const char *op, uint64_t offset, int r,
+          bool injected)
 {
-  uint8_t *p = buf;
-  int f = fault (QCOW_FAULT_READ, NULL);
-  if (f < 0) {
-    qcow_errorf (file, "read at offset %" PRIu64 ": %s (injected)%s", offset, strerror (-f), where ());
-    return f;
-  }
-  while (count > 0) {
-    ssize_t r = pread (fd, p, count, (off_t) offset);
-    if (r < 0) {
-      if (errno == EINTR)
-        continue;
-      int e = errno;
-      qcow_errorf (file, "read at offset %" PRIu64 ": %s", offset, strerror (e));
-      return -e;
-    }
-    if (r == 0) {
-      if (zero_past_eof) {
-        memset (p, 0, count);
-        return 0;
-      }
-      qcow_errorf (file, "read at offset %" PRIu64 ": unexpected end of file",
-                   offset);
-      return -EIO;
-    }
-    p += r; count -= r; offset += r;
-  }
+  if (offset == UINT64_MAX)
+    qcow_errorf (b->name, "%s: %s%s%s", op, strerror (-r),
+                 injected ? " (injected)" : "", where ());
+  else
+    qcow_errorf (b->name, "%s at offset %" PRIu64 ": %s%s%s", op, offset,
+                 strerror (-r), injected ? " (injected)" : "", where ());
+  return r;
+}
+
+int
+io_bpread (struct qcow_backend *b, void *buf, size_t count, uint64_t offset)
+{
+  int r = fault (QCOW_FAULT_READ, NULL);
+  if (r < 0)
+    return io_error (b, "read", offset, r, true);
+  if ((r = b->ops.pread (b->opaque, buf, count, offset)) < 0)
+    return io_error (b, "read", offset, r, false);
   return 0;
+}
+
+static int
+bpwritev (struct qcow_backend *b, const struct iovec *iov, int iovcnt,
+          uint64_t offset)
+{
+  bool torn = false;
+  int r = fault (QCOW_FAULT_WRITE, &torn);
+  if (r < 0) {
+    if (torn && iov[0].iov_len > 1 && b->ops.pwrite)
+      b->ops.pwrite (b->opaque, iov[0].iov_base, iov[0].iov_len / 2, offset);
+    return io_error (b, "write", offset, r, true);
+  }
+  if (b->read_only)
+    return io_error (b, "write", offset, -EROFS, false);
+  if (b->ops.pwritev && iovcnt <= IOV_MAX_CORE)
+    r = b->ops.pwritev (b->opaque, iov, iovcnt, offset);
+  else {
+    uint64_t off = offset;
+    for (int i = 0; i < iovcnt && r == 0; off += iov[i++].iov_len)
+      r = b->ops.pwrite (b->opaque, iov[i].iov_base, iov[i].iov_len, off);
+  }
+  return r < 0 ? io_error (b, "write", offset, r, false) : 0;
+}
+
+int
+io_bpwrite (struct qcow_backend *b, const void *buf, size_t count, uint64_t offset)
+{
+  struct iovec iov = { (void *) buf, count };
+  return bpwritev (b, &iov, 1, offset);
+}
+
+int
+io_bflush (struct qcow_backend *b)
+{
+  int r = fault (QCOW_FAULT_SYNC, NULL);
+  if (r < 0)
+    return io_error (b, "flush", UINT64_MAX, r, true);
+  if (!b->read_only && (r = b->ops.flush (b->opaque)) < 0)
+    return io_error (b, "flush", UINT64_MAX, r, false);
+  return 0;
+}
+
+int
+io_bsize (struct qcow_backend *b, uint64_t *size)
+{
+  int r = b->ops.get_size (b->opaque, size);
+  return r < 0 ? io_error (b, "size", UINT64_MAX, r, false) : 0;
 }
 
 int
 io_pread (struct qcow *q, void *buf, size_t count, uint64_t offset)
 {
-  return io_pread_fd (q->fd, q->filename, buf, count, offset, true);
+  return io_bpread (q->img, buf, count, offset);
 }
 
+/* A structure that must lie wholly inside the image (a table read at
+ * open): its end past the end of the file is an error, not zeros. */
 int
-io_pwrite_fd (int fd, const char *file, const void *buf, size_t count,
-              uint64_t offset)
+io_pread_inside (struct qcow *q, void *buf, size_t count, uint64_t offset)
 {
-  const uint8_t *p = buf;
-  bool torn = false;
-  int f = fault (QCOW_FAULT_WRITE, &torn);
-  if (f < 0) {
-    if (torn && count > 1 && pwrite (fd, p, count / 2, (off_t) offset) < 0)
-      f = -errno;
-    qcow_errorf (file, "write at offset %" PRIu64 ": %s (injected)%s", offset, strerror (-f), where ());
-    return f;
+  if (offset > q->file_size || count > q->file_size - offset) {
+    ERR (q, "read at offset %" PRIu64 ": unexpected end of file", offset);
+    return -EIO;
   }
-  while (count > 0) {
-    ssize_t r = pwrite (fd, p, count, (off_t) offset);
-    if (r < 0) {
-      if (errno == EINTR)
-        continue;
-      int e = errno;
-      qcow_errorf (file, "write at offset %" PRIu64 ": %s", offset, strerror (e));
-      return -e;
-    }
-    p += r; count -= r; offset += r;
-  }
-  return 0;
+  return io_bpread (q->img, buf, count, offset);
 }
 
 static void
@@ -182,67 +210,29 @@ note_extent (struct qcow *q, uint64_t end)
 }
 
 int
-io_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset)
+io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
 {
-  int r = io_pwrite_fd (q->fd, q->filename, buf, count, offset);
-  if (r == 0)
-    note_extent (q, offset + count);
+  int r = bpwritev (q->img, iov, iovcnt, offset);
+  if (r == 0) {
+    uint64_t total = 0;
+    for (int i = 0; i < iovcnt; i++)
+      total += iov[i].iov_len;
+    note_extent (q, offset + total);
+  }
   return r;
 }
 
-static int
-pwritev_fd (struct qcow *q, int fd, const char *file, struct iovec *iov, int iovcnt,
-            uint64_t offset)
-{
-  uint64_t total = 0;
-  for (int i = 0; i < iovcnt; i++)
-    total += iov[i].iov_len;
-  uint64_t off = offset;
-  bool torn = false;
-  int f = fault (QCOW_FAULT_WRITE, &torn);
-  if (f < 0) {
-    if (torn && iov[0].iov_len > 1 && pwrite (fd, iov[0].iov_base, iov[0].iov_len / 2, (off_t) off) < 0)
-      f = -errno;
-    qcow_errorf (file, "write at offset %" PRIu64 ": %s (injected)%s", off, strerror (-f), where ());
-    return f;
-  }
-  while (iovcnt > 0) {
-    ssize_t r = pwritev (fd, iov, iovcnt, (off_t) off);
-    if (r < 0) {
-      if (errno == EINTR)
-        continue;
-      int e = errno;
-      qcow_errorf (file, "write at offset %" PRIu64 ": %s", off, strerror (e));
-      return -e;
-    }
-    off += r;
-    while (iovcnt > 0 && (size_t) r >= iov->iov_len) {
-      r -= iov->iov_len; iov++; iovcnt--;
-    }
-    if (iovcnt > 0) {
-      iov->iov_base = (uint8_t *) iov->iov_base + r;
-      iov->iov_len -= r;
-    }
-  }
-  if (fd == q->fd)
-    note_extent (q, offset + total);
-  else
-    __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
-  return 0;
-}
-
 int
-io_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
+io_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset)
 {
-  return pwritev_fd (q, q->fd, q->filename, iov, iovcnt, offset);
+  struct iovec iov = { (void *) buf, count };
+  return io_pwritev (q, &iov, 1, offset);
 }
 
-/* Guest data: in the image, or in its external data file. */
 int
 io_data_pread (struct qcow *q, void *buf, size_t count, uint64_t offset)
 {
-  return io_pread_fd (q->data_fd, q->data_path ? q->data_path : q->filename,
-                      buf, count, offset, true);
+  return io_bpread (q->data, buf, count, offset);
 }
 
 int
@@ -255,54 +245,53 @@ io_data_pwrite (struct qcow *q, const void *buf, size_t count, uint64_t offset)
 int
 io_data_pwritev (struct qcow *q, struct iovec *iov, int iovcnt, uint64_t offset)
 {
-  return pwritev_fd (q, q->data_fd, q->data_path ? q->data_path : q->filename,
-                     iov, iovcnt, offset);
+  if (q->data == q->img)
+    return io_pwritev (q, iov, iovcnt, offset);
+  int r = bpwritev (q->data, iov, iovcnt, offset);
+  if (r == 0)
+    __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
+  return r;
 }
 
+/* The data file, then the image: both durable. */
 int
 io_sync (struct qcow *q)
 {
-  int f = fault (QCOW_FAULT_SYNC, NULL);
-  if (f < 0) {
-    ERR (q, "fdatasync: %s (injected)%s", strerror (-f), where ());
-    return f;
-  }
+  int r = fault (QCOW_FAULT_SYNC, NULL);
+  if (r < 0)
+    return io_error (q->img, "flush", UINT64_MAX, r, true);
   __atomic_store_n (&q->data_unsynced, false, __ATOMIC_RELAXED);
-  if (q->data_fd != q->fd && fdatasync (q->data_fd) == -1) {
-    int e = errno;
+  struct qcow_backend *b = q->data;
+  r = b->ops.flush ? b->ops.flush (b->opaque) : 0;
+  if (r == 0 && q->data != q->img && (b = q->img)->ops.flush)
+    r = b->ops.flush (b->opaque);
+  if (r < 0) {
     __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
-    qcow_errorf (q->data_path, "fdatasync: %s", strerror (e));
-    return -e;
-  }
-  if (fdatasync (q->fd) == -1) {
-    int e = errno;
-    __atomic_store_n (&q->data_unsynced, true, __ATOMIC_RELAXED);
-    ERR (q, "fdatasync: %s", strerror (e));
-    return -e;
+    return io_error (b, "flush", UINT64_MAX, r, false);
   }
   return 0;
 }
 
-/* Give a freed range back to the file system; best effort. */
+/* Give a freed range back to the storage; best effort, no message. */
 int
 io_punch (struct qcow *q, bool data, uint64_t offset, uint64_t len)
 {
-  int f = fault (QCOW_FAULT_PUNCH, NULL);
-  if (f < 0)
-    return f;
-  if (fallocate (data ? q->data_fd : q->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                 (off_t) offset, (off_t) len) == -1)
-    return -errno;
-  return 0;
+  struct qcow_backend *b = data ? q->data : q->img;
+  int r = fault (QCOW_FAULT_PUNCH, NULL);
+  if (r < 0)
+    return r;
+  return b->ops.discard ? b->ops.discard (b->opaque, offset, len) : -ENOTSUP;
 }
 
 int
 io_truncate (struct qcow *q, uint64_t size)
 {
-  int f = fault (QCOW_FAULT_TRUNCATE, NULL);
-  if (f == 0 && ftruncate (q->fd, (off_t) size) == -1)
-    f = -errno;
-  if (f < 0)
-    ERR (q, "truncate to %" PRIu64 " bytes: %s", size, strerror (-f));
-  return f;
+  struct qcow_backend *b = q->img;
+  int r = fault (QCOW_FAULT_TRUNCATE, NULL);
+  if (r == 0)
+    r = b->ops.truncate ? b->ops.truncate (b->opaque, size) : -ENOTSUP;
+  if (r < 0)
+    ERR (q, "truncate to %" PRIu64 " bytes: %s%s", size, strerror (-r),
+         where ());
+  return r;
 }

@@ -24,8 +24,9 @@ qcow_free (struct qcow *q)
   snapshots_free (q);
   cache_free (&q->l2_cache);
   cache_free (&q->refblock_cache);
-  if (q->fd >= 0)
-    close (q->fd);
+  if (q->data != q->img)
+    qcow_backend_free (q->data);
+  qcow_backend_free (q->img);
   pthread_mutex_destroy (&q->lock);
   pthread_cond_destroy (&q->alloc_cond);
   pthread_rwlock_destroy (&q->io_lock);
@@ -37,7 +38,6 @@ qcow_free (struct qcow *q)
   free (q->rct);
   free (q->pending_free);
   free (q->zero_cluster);
-  free (q->filename);
   free (q);
 }
 
@@ -49,7 +49,7 @@ read_table (struct qcow *q, uint64_t **tp, uint64_t n, uint64_t offset)
     ERR (q, "out of memory for a table of %" PRIu64 " entries", n);
     return -ENOMEM;
   }
-  int r = io_pread_fd (q->fd, q->filename, t, n * 8, offset, false);
+  int r = io_pread_inside (q, t, n * 8, offset);
   if (r < 0) {
     free (t);
     return r;
@@ -95,28 +95,34 @@ check_tables (struct qcow *q)
 int
 qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
 {
-  static pthread_once_t env_once = PTHREAD_ONCE_INIT;
-  pthread_once (&env_once, fault_from_env);
-  struct chain chain = { .depth = 0 };
-  struct stat st;
-  if (stat (path, &st) == 0) {
-    chain.dev[0] = st.st_dev;
-    chain.ino[0] = st.st_ino;
-  }
-  return connect_chain (path, cfg, &chain, qp);
+  struct qcow_backend *b;
+  int r = qcow_backend_open_file (path, cfg && cfg->read_only, &b);
+  return r < 0 ? r : qcow_connect_backend (b, cfg, qp);
 }
 
 int
-connect_chain (const char *path, const struct qcow_config *cfg,
+qcow_connect_backend (struct qcow_backend *b, const struct qcow_config *cfg,
+                      struct qcow **qp)
+{
+  static pthread_once_t env_once = PTHREAD_ONCE_INIT;
+  pthread_once (&env_once, fault_from_env);
+  struct chain chain = { .depth = 0, .dev[0] = b->dev, .ino[0] = b->ino };
+  return connect_chain (b, cfg, &chain, qp);
+}
+
+/* Open the image on B (ours from now on); CHAIN: the images above it. */
+int
+connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
                struct chain *chain, struct qcow **qp)
 {
   struct qcow *q = calloc (1, sizeof *q);
-  if (!q || !(q->filename = strdup (path))) {
-    free (q);
-    qcow_errorf (path, "out of memory");
+  if (!q) {
+    qcow_errorf (b->name, "out of memory");
+    qcow_backend_free (b);
     return -ENOMEM;
   }
-  q->fd = q->backing_fd = q->data_fd = -1;
+  q->img = q->data = b;
+  q->filename = b->name;
   pthread_mutex_init (&q->lock, NULL);
   pthread_cond_init (&q->alloc_cond, NULL);
   pthread_mutex_init (&q->compact_lock, NULL);
@@ -133,50 +139,26 @@ connect_chain (const char *path, const struct qcow_config *cfg,
     q->cfg = *cfg;
   else
     qcow_config_default (&q->cfg);
-  q->read_only = q->cfg.read_only;
+  q->read_only = q->cfg.read_only || b->read_only;
+  q->fixed_size = b->ops.truncate == NULL;
 
-  int r;
-  q->fd = open (path, (q->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-  if (q->fd == -1 && !q->read_only && (errno == EACCES || errno == EROFS || errno == EPERM)) {
-    q->read_only = true;
-    q->fd = open (path, O_RDONLY | O_CLOEXEC);
-  }
-  if (q->fd == -1) {
-    r = -errno;
-    ERR (q, "%s", strerror (errno));
-    goto fail;
-  }
-  struct stat st;
-  if (fstat (q->fd, &st) == -1) {
-    r = -errno;
-    ERR (q, "stat: %s", strerror (errno));
-    goto fail;
-  }
-  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
-    ERR (q, "not a regular file or block device");
-    r = -EINVAL;
-    goto fail;
-  }
   /* Read-only locks until the first change (or qcow_lock_write): taken
    * before the header is read, so no QEMU writer is changing it. */
-  if ((r = lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_READ)) < 0)
+  int r;
+  uint64_t size;
+  if ((r = lock_change (q, q->img, QCOW_LOCK_READ)) < 0 ||
+      (r = io_bsize (q->img, &size)) < 0)
     goto fail;
-  off_t size = lseek (q->fd, 0, SEEK_END);
-  if (size < 0) {
-    r = -errno;
-    ERR (q, "seek: %s", strerror (errno));
-    goto fail;
-  }
   q->file_size = size;
 
   /* The header cluster: at most 2 MiB, zero padded past the end. */
   uint8_t *buf = calloc (1, 1u << QCOW_MAX_CLUSTER_BITS);
   if (!buf) { r = -ENOMEM; goto fail; }
-  r = io_pread_fd (q->fd, q->filename, buf, 4096, 0, true);
+  r = io_pread (q, buf, 4096, 0);
   if (r == 0) {
     uint32_t cb = rd32 (buf + 20);
     if (rd32 (buf) == QCOW_MAGIC && cb > 12 && cb <= QCOW_MAX_CLUSTER_BITS)
-      r = io_pread_fd (q->fd, q->filename, buf, 1u << cb, 0, true);
+      r = io_pread (q, buf, 1u << cb, 0);
   }
   if (r == 0)
     r = header_parse (q, buf, q->file_size);
@@ -226,31 +208,30 @@ connect_chain (const char *path, const struct qcow_config *cfg,
 
 /* ---- locking (lock.h) ---- */
 
-/* Move FD (the image, or the file WHAT) from lock state *STATE to TO. */
+/* Move B (the image, its data file or a raw backing file) to lock
+ * state TO. */
 int
-lock_change (struct qcow *q, int fd, const char *what,
-             enum qcow_lock *state, enum qcow_lock to)
+lock_change (struct qcow *q, struct qcow_backend *b, enum qcow_lock to)
 {
-  if (!q->cfg.locking || *state == to)
+  if (!q->cfg.locking)
     return 0;
   char msg[256];
-  int r = qcow_lock_change (fd, NULL, *state, to, msg, sizeof msg);
+  int r = backend_lock (b, to, msg, sizeof msg);
   if (r > 0) {
     /* No locks here (old kernel, file system without locks): like
      * QEMU's locking=auto, carry on without them. */
-    qcow_debugf ("%s%s%s: %s", q->filename, what ? ": " : "", what ? what : "", msg);
+    qcow_debugf ("%s%s%s: %s", q->filename, b != q->img ? ": " : "",
+                 b != q->img ? b->name : "", msg);
     q->cfg.locking = false;
     return 0;
   }
   if (r < 0) {
-    if (what)
-      ERR (q, "%s: %s", what, msg);
+    if (b != q->img)
+      ERR (q, "%s: %s", b->name, msg);
     else
       ERR (q, "%s", msg);
-    return r;
   }
-  *state = to;
-  return 0;
+  return r;
 }
 
 /* The write locks, on the image and its external data file.  Called with
@@ -259,14 +240,13 @@ int
 lock_write (struct qcow *q)
 {
   int r;
-  if (q->read_only || q->lock_state == QCOW_LOCK_WRITE)
+  if (q->read_only || q->img->lock_state == QCOW_LOCK_WRITE)
     return 0;
-  if ((r = lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_WRITE)) < 0)
+  if ((r = lock_change (q, q->img, QCOW_LOCK_WRITE)) < 0)
     return r;
-  if (q->data_fd != q->fd &&
-      (r = lock_change (q, q->data_fd, q->data_path, &q->data_lock_state,
-                        QCOW_LOCK_DATA_WRITE)) < 0)
-    lock_change (q, q->fd, NULL, &q->lock_state, QCOW_LOCK_READ);
+  if (q->data != q->img &&
+      (r = lock_change (q, q->data, QCOW_LOCK_DATA_WRITE)) < 0)
+    lock_change (q, q->img, QCOW_LOCK_READ);
   return r;
 }
 

@@ -19,6 +19,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #define QCOW_LIB_VERSION "0.1.0"
 
@@ -56,6 +57,49 @@ struct qcow_config {
 };
 QCOW_API void qcow_config_default (struct qcow_config *cfg);
 
+/* Block backends: the storage an image lives in (the OCaml library's
+ * BLOCK; the library is its functor Make (B : BLOCK)).  A local file is
+ * one backend (qcow_backend_open_file); a caller may provide any other
+ * with these callbacks, e.g. the nbdkit filter passes the plugin below it.
+ * Each returns 0 or -errno and prints nothing: the core adds the message
+ * (naming the backend), fault injection and statistics on top.  They may
+ * be called from several threads at once.
+ *
+ * Storage without truncate has a fixed size: the image lives inside it
+ * (as QEMU keeps qcow2 on a block device), free clusters are found by the
+ * refcounts anywhere below the size, and a write that needs a cluster
+ * when none is left fails with -ENOSPC. */
+struct qcow_backend_ops {
+  /* Required.  A read past the end of the storage gives zeros. */
+  int (*pread) (void *opaque, void *buf, size_t count, uint64_t offset);
+  int (*get_size) (void *opaque, uint64_t *size);
+  /* Required to write (NULL: the storage is read-only). */
+  int (*pwrite) (void *opaque, const void *buf, size_t count, uint64_t offset);
+  int (*flush) (void *opaque);
+  /* Optional (NULL: not available). */
+  int (*pwritev) (void *opaque, const struct iovec *iov, int iovcnt,
+                  uint64_t offset);        /* at most 8 pieces */
+  int (*discard) (void *opaque, uint64_t offset, uint64_t count);
+                           /* give the space back; the range may then read
+                              as anything */
+  int (*truncate) (void *opaque, uint64_t size);   /* grow or shrink */
+  void (*close) (void *opaque);        /* when the backend is freed */
+};
+struct qcow_backend;
+
+/* A backend over OPS and OPAQUE; NAME (copied) names it in messages and
+ * is where relative backing file names are resolved from (its directory;
+ * the current directory if it has none). */
+QCOW_API int qcow_backend_new (const struct qcow_backend_ops *ops, void *opaque,
+                               const char *name, struct qcow_backend **bp);
+/* The local file (or block device) PATH, opened read-write or, with
+ * READ_ONLY or when the file cannot be written, read-only.  Its image
+ * locks (qcow_config.locking) are taken by qcow_connect_backend. */
+QCOW_API int qcow_backend_open_file (const char *path, bool read_only,
+                                     struct qcow_backend **bp);
+/* Close it (calls ops->close).  Not for one handed to an image. */
+QCOW_API void qcow_backend_free (struct qcow_backend *b);
+
 /* On-disk choices for a new image. */
 struct qcow_create_opts {
   uint64_t size;           /* virtual size in bytes */
@@ -71,10 +115,20 @@ QCOW_API void qcow_create_opts_default (struct qcow_create_opts *opts);
 QCOW_API int qcow_create (const char *path, const struct qcow_create_opts *opts,
                  bool overwrite);
 
+/* Create a new image on backend B (which stays the caller's): its first
+ * bytes become the image; the rest of fixed-size storage is free space. */
+QCOW_API int qcow_create_backend (struct qcow_backend *b,
+                                  const struct qcow_create_opts *opts);
+
 /* Open and validate an image.  Nothing is written to the file until the
  * first write-type request (so a read-only user never modifies it). */
 QCOW_API int qcow_connect (const char *path, const struct qcow_config *cfg,
                   struct qcow **qp);
+/* The same on backend B, which the image owns from then on (it is freed
+ * with the image, or at once if this fails). */
+QCOW_API int qcow_connect_backend (struct qcow_backend *b,
+                                   const struct qcow_config *cfg,
+                                   struct qcow **qp);
 
 /* Flush, mark the image clean and close it.  Frees Q even on error. */
 QCOW_API int qcow_disconnect (struct qcow *q);
@@ -299,6 +353,9 @@ struct qcow_check_result {
  * as it is found.  Returns 0 when the check ran (RES->verdict says how
  * it went), or -errno when the image could not be checked (RES->verdict
  * is QCOW_CHECK_FAILED and RES->reason says why). */
+QCOW_API int qcow_check_backend (struct qcow_backend *b,
+                                 struct qcow_check_result *res,
+                                 qcow_check_cb cb, void *opaque);
 QCOW_API int qcow_check_file (const char *path, struct qcow_check_result *res,
                      qcow_check_cb cb, void *opaque);
 

@@ -114,10 +114,27 @@ rc_rebuild (struct qcow *q)
     if (r < 0)
       goto out;
   }
-  uint64_t rct_off, new_end;
+  uint64_t rct_off, new_end, limit = E;
   uint32_t rct_clusters;
-  r = rc_write_structure (q->fd, q->filename, q->cluster_bits,
-                          q->h.refcount_order, counts, E,
+  if (q->fixed_size) {
+    /* The new structure goes after every cluster in use, and after the
+     * old structure, which stays valid until the header switches. */
+    uint64_t end = 0;
+    for (uint64_t c = 0; c < E; c++)
+      if (counts[c])
+        end = c + 1;
+    for (uint64_t c = 0; c < q->h.refcount_table_clusters; c++)
+      if ((q->h.refcount_table_offset >> q->cluster_bits) + c + 1 > end)
+        end = (q->h.refcount_table_offset >> q->cluster_bits) + c + 1;
+    for (uint64_t i = 0; i < q->rct_entries; i++) {
+      uint64_t c = (q->rct[i] & RCT_OFFSET_MASK) >> q->cluster_bits;
+      if (c && c < E && c + 1 > end)
+        end = c + 1;
+    }
+    E = end;
+  }
+  r = rc_write_structure (q->img, q->cluster_bits, q->h.refcount_order,
+                          counts, E, q->fixed_size ? limit : UINT64_MAX,
                           &rct_off, &rct_clusters, &new_end);
   if (r < 0 || (r = io_sync (q)) < 0)
     goto out;
@@ -171,11 +188,14 @@ qcow_rebuild_refcount_table (struct qcow *q)
   /* Rebuild before anything else changes the file (begin_modify would
    * set the dirty bit, clear autoclear bits), so that an image whose
    * references cannot be trusted is left exactly as it was. */
-  off_t size = lseek (q->fd, 0, SEEK_END);
-  r = lock_write (q);
+  uint64_t size, now;
+  r = io_bsize (q->img, &size);
+  if (r == 0)
+    r = lock_write (q);
   if (r == 0 && (r = metadata_sync (q)) == 0 && (r = io_sync (q)) == 0)
     r = rc_rebuild (q);
-  if (r < 0 && size >= 0 && lseek (q->fd, 0, SEEK_END) > size && !q->modified) {
+  if (r < 0 && !q->fixed_size && !q->modified &&
+      io_bsize (q->img, &now) == 0 && now > size) {
     io_truncate (q, size);            /* drop a half-written structure */
     q->file_size = size;
   }

@@ -112,6 +112,34 @@ first_used (struct qcow *q, uint64_t from, uint64_t n, uint64_t *used)
   return 0;
 }
 
+/* Where a run of clusters that must be contiguous is looked for: past
+ * everything in use in a file that grows; in fixed-size storage, from the
+ * lowest cluster that may be free. */
+static uint64_t
+run_start (struct qcow *q)
+{
+  if (q->fixed_size)
+    return q->free_hint;
+  uint64_t start = div_round_up (q->file_size, q->cluster_size);
+  return q->frontier > start ? q->frontier : start;
+}
+
+/* Clusters [.., END) fit in the storage, or -ENOSPC (with the message). */
+static int
+check_room (struct qcow *q, uint64_t end)
+{
+  if (end << q->cluster_bits > QCOW_MAX_HOST_OFFSET) {
+    ERR (q, "image is full: host offset limit reached");
+    return -ENOSPC;
+  }
+  if (q->fixed_size && end << q->cluster_bits > q->file_size) {
+    ERR (q, "no space left: the image fills its storage (%" PRIu64 " bytes)",
+         q->file_size);
+    return -ENOSPC;
+  }
+  return 0;
+}
+
 /* Grow the refcount table so that index NEED exists.  The new table and
  * the refcount blocks that describe it are placed past everything
  * allocated; the header is switched only once they are durable. */
@@ -120,7 +148,7 @@ grow_rct (struct qcow *q, uint64_t need)
 {
   const uint64_t cs = q->cluster_size, epc = cs / 8;
   uint64_t entries = need + 1 > q->rct_entries * 2 ? need + 1 : q->rct_entries * 2;
-  uint64_t start = div_round_up (q->file_size, cs), T, B = 0;
+  uint64_t start = run_start (q), T, B = 0;
   int r;
 
   for (int iter = 0;; iter++) {
@@ -155,10 +183,8 @@ grow_rct (struct qcow *q, uint64_t need)
       break;
     B = missing;
   }
-  if ((start + T + B) << q->cluster_bits > QCOW_MAX_HOST_OFFSET) {
-    ERR (q, "image is full: host offset limit reached");
-    return -ENOSPC;
-  }
+  if ((r = check_room (q, start + T + B)) < 0)
+    return r;
 
   uint64_t *tab = calloc (entries, 8);
   if (!tab)
@@ -299,10 +325,11 @@ rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fres
         break;
       k++;
     }
-    if ((c + k) << q->cluster_bits > QCOW_MAX_HOST_OFFSET) {
-      ERR (q, "image is full: host offset limit reached");
-      return -ENOSPC;
-    }
+    if (q->fixed_size && (c + k) << q->cluster_bits > q->file_size &&
+        c < q->file_size >> q->cluster_bits)
+      k = (q->file_size >> q->cluster_bits) - c;
+    if ((r = check_room (q, c + k)) < 0)
+      return r;
     bool created = false;
     for (uint64_t i = c >> q->rb_bits; i <= (c + k - 1) >> q->rb_bits; i++) {
       if ((r = ensure_block (q, i << q->rb_bits, &created)) < 0)
@@ -315,7 +342,7 @@ rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fres
     for (uint64_t i = 0; i < k; i++)
       if ((r = rc_set (q, c + i, 1)) < 0)
         return r;
-    *fresh = c >= q->frontier;
+    *fresh = c >= q->frontier && !q->fixed_size;
     if (c + k > q->frontier)
       q->frontier = c + k;
     q->free_hint = c + k;
@@ -333,10 +360,8 @@ rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fres
 int
 rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first)
 {
-  uint64_t start = div_round_up (q->file_size, q->cluster_size), B = 0, end;
+  uint64_t start = run_start (q), B = 0, end;
   int r;
-  if (q->frontier > start)
-    start = q->frontier;
   for (int iter = 0;; iter++) {
     if (iter > 64) {
       ERR (q, "internal error: contiguous allocation does not converge");
@@ -355,9 +380,7 @@ rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first)
     if (last >= q->rct_entries) {
       if ((r = grow_rct (q, last)) < 0)
         return r;
-      start = div_round_up (q->file_size, q->cluster_size);
-      if (q->frontier > start)
-        start = q->frontier;
+      start = run_start (q);
       B = 0;
       continue;
     }
@@ -368,10 +391,8 @@ rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first)
       break;
     B = missing;
   }
-  if (end << q->cluster_bits > QCOW_MAX_HOST_OFFSET) {
-    ERR (q, "image is full: host offset limit reached");
-    return -ENOSPC;
-  }
+  if ((r = check_room (q, end)) < 0)
+    return r;
   uint64_t next = start + n;
   for (uint64_t i = start >> q->rb_bits; i <= (end - 1) >> q->rb_bits; i++) {
     if (q->rct[i] != 0)
@@ -579,12 +600,13 @@ rc_apply_deferred (struct qcow *q)
 /* ---- building a whole refcount structure ---- */
 
 /* Given COUNTS for host clusters [0, NCLUSTERS), place refcount blocks
- * and a refcount table at NCLUSTERS onwards, write them (no sync), and
- * return where the table is.  Used by create and by rebuild. */
+ * and a refcount table at NCLUSTERS onwards (failing with -ENOSPC if they
+ * would pass cluster LIMIT), write them (no sync), and return where the
+ * table is.  Used by create and by rebuild. */
 int
-rc_write_structure (int fd, const char *file, unsigned cluster_bits,
+rc_write_structure (struct qcow_backend *b, unsigned cluster_bits,
                     unsigned order, const uint16_t *counts, uint64_t E,
-                    uint64_t *rct_offset, uint32_t *rct_clusters,
+                    uint64_t limit, uint64_t *rct_offset, uint32_t *rct_clusters,
                     uint64_t *new_end)
 {
   const uint64_t cs = 1ULL << cluster_bits, epc = cs / 8;
@@ -602,7 +624,7 @@ rc_write_structure (int fd, const char *file, unsigned cluster_bits,
   for (uint64_t c = 0; c < E; c++)
     if (counts[c]) {
       if (counts[c] > max) {
-        qcow_errorf (file, "cluster 0x%" PRIx64 " has %u references, more "
+        qcow_errorf (b->name, "cluster 0x%" PRIx64 " has %u references, more "
                      "than %u-bit refcounts can hold", c << cluster_bits,
                      counts[c], 1u << order);
         free (used);
@@ -623,7 +645,7 @@ rc_write_structure (int fd, const char *file, unsigned cluster_bits,
     if (T2 > T) T = T2;
   }
   if (T * cs > QCOW_MAX_RCT_BYTES) {
-    qcow_errorf (file, "image too large for a refcount table");
+    qcow_errorf (b->name, "image too large for a refcount table");
     free (used);
     return -EFBIG;
   }
@@ -638,6 +660,13 @@ rc_write_structure (int fd, const char *file, unsigned cluster_bits,
   for (uint64_t i = 0; i < nidx; i++)
     nblocks += (i < eidx && used[i]) || ((i + 1) * rbe > E);
   uint64_t tstart = E + nblocks, tend = tstart + T;
+  if (tend > limit) {
+    qcow_errorf (b->name, "no space left in the storage for the refcount "
+                 "structure (%" PRIu64 " clusters needed, %" PRIu64 " there)",
+                 tend, limit);
+    r = -ENOSPC;
+    goto out;
+  }
   uint64_t next = E;
   for (uint64_t i = 0; i < nidx; i++) {
     if (!((i < eidx && used[i]) || ((i + 1) * rbe > E)))
@@ -652,11 +681,11 @@ rc_write_structure (int fd, const char *file, unsigned cluster_bits,
         rb_write (order, blk, j, v);
     }
     wr64 (tab + 8 * i, next << cluster_bits);
-    if ((r = io_pwrite_fd (fd, file, blk, cs, next << cluster_bits)) < 0)
+    if ((r = io_bpwrite (b, blk, cs, next << cluster_bits)) < 0)
       goto out;
     next++;
   }
-  if ((r = io_pwrite_fd (fd, file, tab, T * cs, tstart << cluster_bits)) < 0)
+  if ((r = io_bpwrite (b, tab, T * cs, tstart << cluster_bits)) < 0)
     goto out;
   *rct_offset = tstart << cluster_bits;
   *rct_clusters = T;

@@ -244,17 +244,22 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
 }
 
 /* A write needs a new cluster, none is known to be free below the end
- * of the file, and the background thread is punching the holes of freed
- * clusters: rather than grow the file, wait (q->lock dropped) until it
- * gives back its current part of them.  True if it waited. */
+ * of the file (or of fixed-size storage), and the background thread is
+ * punching the holes of freed clusters, or has some queued: rather than
+ * grow the file (or fail with ENOSPC), wait (q->lock dropped) until it
+ * gives back its current part of them.  Not while it compacts: it wants
+ * io_lock exclusively, which this request holds shared.  True if it
+ * waited. */
 static bool
 wait_for_punching (struct qcow *q)
 {
-  if (!q->punch_busy || q->free_hint < q->frontier ||
+  bool queued = q->punch_head && !q->bg_compacting;
+  if (!(q->punch_busy || queued) || q->free_hint < q->frontier ||
       pthread_equal (pthread_self (), q->bg_thread))
     return false;
   uint64_t gen = q->punch_gen;
-  while (q->punch_busy && q->punch_gen == gen)
+  while ((q->punch_busy || (q->punch_head && !q->bg_compacting)) &&
+         q->punch_gen == gen)
     pthread_cond_wait (&q->punch_cond, &q->lock);
   return true;
 }
