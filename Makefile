@@ -1,5 +1,6 @@
 # nbdkit-qcow-plugin: one plain GNU make file.
-#   make            build ./qcow.so, ./qcow-tool and the man page
+#   make            build ./qcow.so, ./qcow-filter.so, ./qcow-tool and the
+#                   man pages
 #   make run        install missing dependencies, build, serve disk.qcow2
 #   make check      install missing dependencies, build, run every test
 #   make check SANITIZE=1   the same under ASan + UBSan (build in build-san/)
@@ -29,9 +30,11 @@ UNIT_SRCS := $(wildcard tests/unit-*.c)
 UNIT_BINS := $(patsubst tests/%.c,$(O)/tests/%,$(UNIT_SRCS))
 
 PLUGIN  := $(O)/qcow.so
+FILTER  := $(O)/qcow-filter.so
 TOOL    := $(O)/qcow-tool
 FLOOR   := $(O)/bench-floor.so
 MAN     := nbdkit-qcow-plugin.1
+FILTER_MAN := nbdkit-qcow-filter.1
 
 # Debian packages needed to build, test and benchmark.
 DEPS_BUILD = gcc clang make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev perl
@@ -39,15 +42,24 @@ DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools fdisk e2f
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 .PHONY: all deps run check bench install clean fuzz fuzz-build unit
-all: $(PLUGIN) $(TOOL) $(MAN) $(FLOOR)
+all: $(PLUGIN) $(FILTER) $(TOOL) $(MAN) $(FILTER_MAN) $(FLOOR)
 
 $(O)/obj/core/%.o: core/%.c core/*.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
-$(O)/obj/plugin/qcow.o: plugin/qcow.c core/*.h
+$(O)/obj/plugin/qcow.o: plugin/qcow.c core/*.h common/*.h
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+	$(CC) $(ALL_CFLAGS) -Icommon -c -o $@ $<
+
+# (nbdkit passes every filter callback next and handle; most go unused.)
+$(O)/obj/filter/qcow-filter.o: filter/qcow-filter.c core/*.h common/*.h
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter -Icommon -c -o $@ $<
+
+$(O)/obj/common/%.o: common/%.c core/*.h common/*.h
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -Icommon -c -o $@ $<
 
 $(O)/obj/tool/qcow-tool.o: tool/qcow-tool.c core/*.h
 	@mkdir -p $(dir $@)
@@ -57,9 +69,13 @@ $(O)/libqcowcore.a: $(CORE_OBJS)
 	@rm -f $@
 	ar rcs $@ $^
 
-$(PLUGIN): $(O)/obj/plugin/qcow.o $(O)/libqcowcore.a plugin/exports.syms
+$(PLUGIN): $(O)/obj/plugin/qcow.o $(O)/obj/common/params.o $(O)/libqcowcore.a plugin/exports.syms
 	$(CC) -shared $(LDFLAGS_SAN) -Wl,--version-script=plugin/exports.syms \
-	  -o $@ $(O)/obj/plugin/qcow.o $(O)/libqcowcore.a $(LIBS)
+	  -o $@ $(O)/obj/plugin/qcow.o $(O)/obj/common/params.o $(O)/libqcowcore.a $(LIBS)
+
+$(FILTER): $(O)/obj/filter/qcow-filter.o $(O)/obj/common/params.o $(O)/libqcowcore.a filter/exports.syms
+	$(CC) -shared $(LDFLAGS_SAN) -Wl,--version-script=filter/exports.syms \
+	  -o $@ $(O)/obj/filter/qcow-filter.o $(O)/obj/common/params.o $(O)/libqcowcore.a $(LIBS)
 
 # bench/floor.c: a plugin that does no work, nbdkit's own cost in the bench.
 $(FLOOR): bench/floor.c
@@ -74,9 +90,9 @@ $(O)/tests/%: tests/%.c $(O)/libqcowcore.a core/qcow.h
 
 unit: $(UNIT_BINS)
 
-$(MAN): nbdkit-qcow-plugin.pod
+nbdkit-qcow-%.1: nbdkit-qcow-%.pod
 	pod2man --section=1 --center="nbdkit" --release="nbdkit-qcow-plugin" \
-	  --name=nbdkit-qcow-plugin $< > $@
+	  --name=$(basename $@) $< > $@
 
 # Install what is missing (as root), or say exactly what to run.
 deps:
@@ -125,8 +141,10 @@ fuzz: deps
 install: all
 	install -D -m 755 $(PLUGIN) $(DESTDIR)$$(pkg-config --variable=plugindir nbdkit 2>/dev/null || echo $(PREFIX)/lib/nbdkit/plugins)/nbdkit-qcow-plugin.so
 	install -D -m 755 $(TOOL) $(DESTDIR)$(PREFIX)/bin/qcow-tool
+	install -D -m 755 $(FILTER) $(DESTDIR)$$(pkg-config --variable=filterdir nbdkit 2>/dev/null || echo $(PREFIX)/lib/nbdkit/filters)/nbdkit-qcow-filter.so
 	install -D -m 644 $(MAN) $(DESTDIR)$(PREFIX)/share/man/man1/$(MAN)
+	install -D -m 644 $(FILTER_MAN) $(DESTDIR)$(PREFIX)/share/man/man1/$(FILTER_MAN)
 
 clean:
-	rm -rf obj build-san build-fuzz tests/unit-*.o qcow.so bench-floor.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
+	rm -rf obj build-san build-fuzz tests/unit-*.o qcow.so qcow-filter.so bench-floor.so qcow-tool libqcowcore.a $(MAN) $(FILTER_MAN) tests/unit-test-bins
 	rm -rf ./tests/bin

@@ -18,13 +18,15 @@
 
 /* NAME, a file named by Q's header, resolved as QEMU does: a relative
  * name against the directory of the image (the current directory if the
- * image's name has none).  Returns NULL when out of memory. */
+ * image's name has none), or against cfg.base_dir.  Returns NULL when out of memory. */
 static char *
 resolve_name (struct qcow *q, const char *name)
 {
   char *path = NULL, *dir;
   if (name[0] == '/')
     return strdup (name);
+  if (q->cfg.base_dir)
+    return asprintf (&path, "%s/%s", q->cfg.base_dir, name) == -1 ? NULL : path;
   if ((dir = strdup (q->filename)) &&
       asprintf (&path, "%s/%s", dirname (dir), name) == -1)
     path = NULL;

@@ -52,6 +52,8 @@ struct qcow_config {
   const char *backing_file;    /* override the header's backing file */
   const char *backing_format;  /* override its format: "qcow2" or "raw" */
   const char *data_file;       /* override the external data file name */
+  const char *base_dir;        /* where relative backing and data file names
+                                  resolve: NULL for the image's directory */
   bool runtime_asserts;    /* check the whole image after every flush */
   bool locking;            /* lock the files as QEMU does; default true */
 };

@@ -1,0 +1,509 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* nbdkit-qcow-filter: the plugin below holds a qcow2 image; clients see
+ * its virtual disk.  Like the plugin shim, it only translates: the
+ * plugin's data becomes a block backend of the core (qcow.h), requests
+ * become core calls, -errno becomes nbdkit errors.
+ *
+ * One image state is shared by every connection: the filter opens one
+ * shared context to the plugin in .after_fork (nbdkit_next_context_open
+ * with shared=1), validates the image there, and never opens a context
+ * per connection (callbacks get next == NULL and use the shared one).
+ * The plugin's storage has a fixed size: the image lives inside it, as
+ * QEMU keeps qcow2 on a block device.
+ *
+ * The core calls the plugin from client threads and from its background
+ * thread at once.  Where nbdkit's thread model (the strictest of the
+ * plugin's and the filters') is not PARALLEL, those calls are serialized
+ * here, since the shared context is not one connection's. */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "qcow.h"
+#include "params.h"
+
+/* -D qcow.verbose=1: core debug messages; -D qcow.stats=1: stats at exit */
+NBDKIT_DLL_PUBLIC int qcow_debug_verbose = 0;
+NBDKIT_DLL_PUBLIC int qcow_debug_stats = 0;
+
+static struct params params;            /* qcow-* */
+static char *image_name;                /* the plugin's file=, absolute */
+static char *start_dir;                 /* the directory nbdkit started in */
+static struct qcow *image;              /* shared by every connection */
+
+/* The shared context to the plugin, and what it can do. */
+static nbdkit_next *plugin;
+static uint64_t plugin_size;
+static bool plugin_can_flush, plugin_can_trim, plugin_can_fast_zero;
+static bool serialize;                  /* thread model is not PARALLEL */
+static pthread_mutex_t plugin_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Requests to the plugin are split at this size (what NBD servers such
+ * as qemu-nbd accept at most). */
+#define CHUNK (32u << 20)
+
+static void error_handler (const char *msg) { nbdkit_error ("%s", msg); }
+static void debug_handler (const char *msg)
+{
+  if (qcow_debug_verbose)
+    nbdkit_debug ("%s", msg);
+}
+
+static void
+filter_load (void)
+{
+  params_init (&params);
+  qcow_set_error_handler (error_handler);
+  qcow_set_debug_handler (debug_handler);
+}
+
+static void
+filter_unload (void)
+{
+  params_free (&params);
+  free (image_name);
+  free (start_dir);
+}
+
+/* qcow-KEY is ours; everything else goes to the plugin.  The file
+ * plugin's file= is noted on its way: the image's name in messages, and
+ * where relative backing file names resolve, as QEMU resolves them. */
+static int
+filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
+               const char *key, const char *value)
+{
+  if (strncmp (key, "qcow-", 5) == 0) {
+    int r = params_config (&params, key + 5, value);
+    if (r == 0)
+      nbdkit_error ("unknown parameter '%s'", key);
+    return r == 1 ? 0 : -1;
+  }
+  if (strcmp (key, "file") == 0) {
+    free (image_name);
+    image_name = nbdkit_absolute_path (value);
+    if (!image_name)
+      return -1;
+  }
+  return next (nxdata, key, value);
+}
+
+static int
+filter_config_complete (nbdkit_next_config_complete *next,
+                        nbdkit_backend *nxdata)
+{
+  if (params_config_complete (&params, "qcow-") < 0)
+    return -1;
+  /* nbdkit may change directory when it forks into the background. */
+  if (!image_name && !(start_dir = get_current_dir_name ())) {
+    nbdkit_error ("getcwd: %m");
+    return -1;
+  }
+  params.config.base_dir = image_name ? NULL : start_dir;
+  return next (nxdata);
+}
+
+#define filter_config_help \
+  PARAMS_HELP ("qcow-")
+
+static int
+filter_get_ready (int thread_model)
+{
+  serialize = thread_model != NBDKIT_THREAD_MODEL_PARALLEL;
+  params.config.read_only = params_started_readonly ();
+  return 0;
+}
+
+/* ---- the plugin as the core's block backend ---- */
+
+static void lock_plugin (void) { if (serialize) pthread_mutex_lock (&plugin_lock); }
+static void unlock_plugin (void) { if (serialize) pthread_mutex_unlock (&plugin_lock); }
+
+/* -errno of a failed call to the plugin. */
+static int
+failed (int err)
+{
+  return -(err ? err : EIO);
+}
+
+static int
+next_pread (void *opaque, void *buf, size_t count, uint64_t offset)
+{
+  uint8_t *p = buf;
+  /* Past the end of the storage reads as zeros (the core's contract). */
+  uint64_t avail = offset < plugin_size ? plugin_size - offset : 0;
+  if (count > avail) {
+    memset (p + avail, 0, count - avail);
+    count = avail;
+  }
+  while (count > 0) {
+    uint32_t n = count > CHUNK ? CHUNK : count;
+    int err = 0, r;
+    lock_plugin ();
+    r = plugin->pread (plugin, p, n, offset, 0, &err);
+    unlock_plugin ();
+    if (r == -1)
+      return failed (err);
+    p += n; offset += n; count -= n;
+  }
+  return 0;
+}
+
+static int
+next_pwrite (void *opaque, const void *buf, size_t count, uint64_t offset)
+{
+  const uint8_t *p = buf;
+  if (offset > plugin_size || count > plugin_size - offset)
+    return -ENOSPC;
+  while (count > 0) {
+    uint32_t n = count > CHUNK ? CHUNK : count;
+    int err = 0, r;
+    lock_plugin ();
+    r = plugin->pwrite (plugin, p, n, offset, 0, &err);
+    unlock_plugin ();
+    if (r == -1)
+      return failed (err);
+    p += n; offset += n; count -= n;
+  }
+  return 0;
+}
+
+static int
+next_flush (void *opaque)
+{
+  if (!plugin_can_flush)
+    return 0;
+  int err = 0, r;
+  lock_plugin ();
+  r = plugin->flush (plugin, 0, &err);
+  unlock_plugin ();
+  return r == -1 ? failed (err) : 0;
+}
+
+static int
+next_get_size (void *opaque, uint64_t *size)
+{
+  *size = plugin_size;
+  return 0;
+}
+
+/* Freed space goes down with the plugin's trim, or its zero where that
+ * is fast and may trim. */
+static int
+next_discard (void *opaque, uint64_t offset, uint64_t count)
+{
+  while (count > 0) {
+    uint32_t n = count > (1u << 30) ? 1u << 30 : count;
+    int err = 0, r;
+    lock_plugin ();
+    if (plugin_can_trim)
+      r = plugin->trim (plugin, n, offset, 0, &err);
+    else
+      r = plugin->zero (plugin, n, offset,
+                        NBDKIT_FLAG_MAY_TRIM | NBDKIT_FLAG_FAST_ZERO, &err);
+    unlock_plugin ();
+    if (r == -1)
+      return failed (err);
+    offset += n; count -= n;
+  }
+  return 0;
+}
+
+/* Open the shared context; fill in what the plugin can do. */
+static int
+open_plugin (nbdkit_backend *backend)
+{
+  int r;
+  plugin = nbdkit_next_context_open (backend, params.config.read_only, "", 1);
+  if (!plugin) {
+    nbdkit_error ("qcow: cannot open the plugin below the filter");
+    return -1;
+  }
+  if (plugin->prepare (plugin) == -1)
+    return -1;
+  int64_t size = plugin->get_size (plugin);
+  if (size == -1)
+    return -1;
+  plugin_size = size;
+  if ((r = plugin->can_write (plugin)) == -1)
+    return -1;
+  if (r == 0)
+    params.config.read_only = true;
+  if (!params.config.read_only) {
+    int flush = plugin->can_flush (plugin), trim = plugin->can_trim (plugin);
+    int fast_zero = plugin->can_fast_zero (plugin);
+    if (flush == -1 || trim == -1 || fast_zero == -1)
+      return -1;
+    plugin_can_flush = flush;
+    plugin_can_trim = trim;
+    plugin_can_fast_zero = fast_zero && plugin->can_zero (plugin) > 0;
+  }
+  return 0;
+}
+
+static const char *
+name (void)
+{
+  return image_name ? image_name : "qcow filter: the plugin's data";
+}
+
+/* Does the plugin's data start with a qcow2 header? */
+static int
+holds_qcow2 (bool *yes)
+{
+  uint8_t magic[4];
+  int r = next_pread (NULL, magic, sizeof magic, 0);
+  if (r < 0) {
+    nbdkit_error ("%s: read: %s", name (), strerror (-r));
+    return -1;
+  }
+  *yes = memcmp (magic, "QFI\xfb", 4) == 0;
+  return 0;
+}
+
+/* The image, validated here: a bad one stops nbdkit at start-up. */
+static int
+filter_after_fork (nbdkit_backend *backend)
+{
+  struct qcow_backend_ops ops = {
+    .pread = next_pread, .get_size = next_get_size,
+  };
+  struct qcow_backend *b;
+  if (open_plugin (backend) < 0)
+    return -1;
+  if (!params.config.read_only) {
+    ops.pwrite = next_pwrite;
+    ops.flush = next_flush;
+    if (plugin_can_trim || plugin_can_fast_zero)
+      ops.discard = next_discard;
+  }
+  if (qcow_backend_new (&ops, NULL, name (), &b) < 0)
+    return -1;
+  if (params.create_mode) {
+    bool exists;
+    if (params.config.read_only) {
+      nbdkit_error ("%s: qcow-create: the plugin's data is read-only", name ());
+      goto fail;
+    }
+    if (holds_qcow2 (&exists) < 0)
+      goto fail;
+    if (exists && params.create_mode != 2) {
+      nbdkit_error ("%s: qcow-create=true: the plugin's data already holds a "
+                    "qcow2 image (use qcow-create=force to overwrite it)", name ());
+      goto fail;
+    }
+    struct qcow_create_opts o;
+    params_create_opts (&params, &o);
+    if (qcow_create_backend (b, &o) < 0)
+      goto fail;
+  }
+  if (qcow_connect_backend (b, &params.config, &image) < 0)
+    return -1;
+  if (params_ready (&params, image, name ()) < 0)
+    return -1;
+  return qcow_start_background (image) < 0 ? -1 : 0;
+ fail:
+  qcow_backend_free (b);
+  return -1;
+}
+
+static void
+print_stats (void)
+{
+  struct qcow_stats st;
+  qcow_get_stats (image, &st);
+  nbdkit_debug ("stats: reads=%" PRIu64 " writes=%" PRIu64 " flushes=%" PRIu64
+                " clusters_allocated=%" PRIu64 " discarded=%" PRIu64
+                " freed=%" PRIu64 " compacted=%" PRIu64,
+                st.reads, st.writes, st.flushes, st.clusters_allocated,
+                st.discarded, st.freed, st.compacted);
+}
+
+/* The image is closed (flushed, marked clean) before the plugin. */
+static void
+filter_cleanup (nbdkit_backend *backend)
+{
+  if (image) {
+    if (qcow_debug_stats)
+      print_stats ();
+    qcow_disconnect (image);
+    image = NULL;
+  }
+  if (plugin) {
+    plugin->finalize (plugin);
+    nbdkit_next_context_close (plugin);
+    plugin = NULL;
+  }
+}
+
+/* ---- connections: every one uses the shared image ---- */
+
+static void *
+filter_open (nbdkit_next_open *next, nbdkit_context *nxdata, int readonly,
+             const char *exportname, int is_tls)
+{
+  if (!readonly && qcow_lock_write (image) < 0)
+    return NULL;
+  return image;
+}
+
+static int64_t
+filter_get_size (nbdkit_next *next, void *handle)
+{
+  struct qcow_info info;
+  qcow_get_info (image, &info);
+  return info.size;
+}
+
+static const char *
+filter_export_description (nbdkit_next *next, void *handle)
+{
+  return NULL;
+}
+
+static int
+filter_block_size (nbdkit_next *next, void *handle, uint32_t *minimum,
+                   uint32_t *preferred, uint32_t *maximum)
+{
+  *minimum = *preferred = *maximum = 0;         /* no constraints */
+  return 0;
+}
+
+static int
+filter_can_write (nbdkit_next *next, void *handle)
+{
+  struct qcow_info info;
+  qcow_get_info (image, &info);
+  return info.read_write;
+}
+
+static int filter_is_rotational (nbdkit_next *n, void *h) { return 0; }
+static int filter_can_flush (nbdkit_next *n, void *h) { return 1; }
+static int filter_can_trim (nbdkit_next *n, void *h) { return 1; }
+static int filter_can_zero (nbdkit_next *n, void *h) { return NBDKIT_ZERO_NATIVE; }
+static int filter_can_fast_zero (nbdkit_next *n, void *h) { return 1; }
+static int filter_can_extents (nbdkit_next *n, void *h) { return 1; }
+static int filter_can_fua (nbdkit_next *n, void *h) { return NBDKIT_FUA_NATIVE; }
+static int filter_can_multi_conn (nbdkit_next *n, void *h) { return 1; }
+static int filter_can_cache (nbdkit_next *n, void *h) { return NBDKIT_CACHE_NONE; }
+
+/* Core errors are -errno; the message has already gone to nbdkit_error. */
+static int
+ret (int r, int *err)
+{
+  if (r >= 0)
+    return 0;
+  *err = -r;
+  return -1;
+}
+
+static unsigned
+fua (uint32_t flags)
+{
+  return flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0;
+}
+
+static int
+filter_pread (nbdkit_next *next, void *handle, void *buf, uint32_t count,
+              uint64_t offset, uint32_t flags, int *err)
+{
+  return ret (qcow_read (image, buf, count, offset), err);
+}
+
+static int
+filter_pwrite (nbdkit_next *next, void *handle, const void *buf,
+               uint32_t count, uint64_t offset, uint32_t flags, int *err)
+{
+  return ret (qcow_write (image, buf, count, offset, fua (flags)), err);
+}
+
+static int
+filter_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
+{
+  return ret (qcow_flush (image), err);
+}
+
+static int
+filter_trim (nbdkit_next *next, void *handle, uint32_t count,
+             uint64_t offset, uint32_t flags, int *err)
+{
+  return ret (qcow_discard (image, count, offset, fua (flags)), err);
+}
+
+static int
+filter_zero (nbdkit_next *next, void *handle, uint32_t count,
+             uint64_t offset, uint32_t flags, int *err)
+{
+  unsigned f = fua (flags) |
+               (flags & NBDKIT_FLAG_MAY_TRIM ? QCOW_MAY_TRIM : 0) |
+               (flags & NBDKIT_FLAG_FAST_ZERO ? QCOW_FAST_ZERO : 0);
+  return ret (qcow_zero (image, count, offset, f), err);
+}
+
+static int
+filter_extents (nbdkit_next *next, void *handle, uint32_t count,
+                uint64_t offset, uint32_t flags,
+                struct nbdkit_extents *extents, int *err)
+{
+  uint64_t end = offset + count;
+  while (offset < end) {
+    uint64_t len;
+    unsigned f;
+    int r = qcow_map (image, offset, end - offset, &len, &f);
+    if (r < 0)
+      return ret (r, err);
+    uint32_t type = (f & QCOW_EXTENT_HOLE ? NBDKIT_EXTENT_HOLE : 0) |
+                    (f & QCOW_EXTENT_ZERO ? NBDKIT_EXTENT_ZERO : 0);
+    if (nbdkit_add_extent (extents, offset, len, type) == -1) {
+      *err = errno;
+      return -1;
+    }
+    offset += len;
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      break;
+  }
+  return 0;
+}
+
+static struct nbdkit_filter filter = {
+  .name               = "qcow",
+  .longname           = "nbdkit qcow2 filter",
+  .description        = "Serve a qcow2 image held by any plugin, read-write",
+  .load               = filter_load,
+  .unload             = filter_unload,
+  .config             = filter_config,
+  .config_complete    = filter_config_complete,
+  .config_help        = filter_config_help,
+  .get_ready          = filter_get_ready,
+  .after_fork         = filter_after_fork,
+  .cleanup            = filter_cleanup,
+  .open               = filter_open,
+  .get_size           = filter_get_size,
+  .export_description = filter_export_description,
+  .block_size         = filter_block_size,
+  .can_write          = filter_can_write,
+  .can_flush          = filter_can_flush,
+  .is_rotational      = filter_is_rotational,
+  .can_trim           = filter_can_trim,
+  .can_zero           = filter_can_zero,
+  .can_fast_zero      = filter_can_fast_zero,
+  .can_extents        = filter_can_extents,
+  .can_fua            = filter_can_fua,
+  .can_multi_conn     = filter_can_multi_conn,
+  .can_cache          = filter_can_cache,
+  .pread              = filter_pread,
+  .pwrite             = filter_pwrite,
+  .flush              = filter_flush,
+  .trim               = filter_trim,
+  .zero               = filter_zero,
+  .extents            = filter_extents,
+};
+
+NBDKIT_REGISTER_FILTER (filter)
