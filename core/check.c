@@ -91,16 +91,11 @@
 #include "internal.h"
 #include "lock.h"
 
-#define MAX_SNAPSHOTS 65536
-#define MAX_SNAPSHOT_TABLE (64u << 20)
-#define MAX_SNAPSHOT_EXTRA 1024
 #define MAX_BITMAP_DIR (64u << 20)
 #define MAX_BITMAP_TABLE (1u << 27)        /* entries, QEMU's limit */
 #define MAX_CLUSTERS (1ULL << 27)          /* 2 GiB of bookkeeping */
 #define MAX_ROUNDS 16
 #define RC_UNKNOWN UINT32_MAX              /* stored refcount unreadable */
-#define BITMAP_OFFSET_MASK 0x00fffffffffffe00ULL
-#define EXTL2_ALL_ZERO 0xffffffff00000000ULL
 
 /* What a reference refers to. */
 enum ref {
@@ -178,8 +173,7 @@ struct walk {
   uint64_t cs, l2_entries, rct_entries, refcount_max;
   bool extl2, data_file;
   uint64_t bm_ext;              /* file offset of the bitmaps extension data */
-  uint32_t bm_nb;
-  uint64_t bm_dir_size, bm_dir_offset;
+  struct fmt_bitmaps_ext bm;
 
   uint64_t nclusters;
   uint32_t *count;              /* references found */
@@ -360,7 +354,7 @@ clear_entry (struct walk *w, uint64_t src, enum ref k, bool snap)
   case R_COMPRESSED:
     if (w->extl2) {
       add_fix (w, src, 0, FIX_CLEAR);
-      add_fix (w, src + 8, EXTL2_ALL_ZERO, FIX_AUX);
+      add_fix (w, src + 8, EXTL2_ZERO_MASK, FIX_AUX);
     }
     else
       add_fix (w, src, w->h.version >= 3 ? ENTRY_ZERO : 0, FIX_CLEAR);
@@ -463,16 +457,6 @@ ref_range (struct walk *w, uint64_t off, uint64_t len, enum ref k,
   return ok;
 }
 
-/* Host byte range of compressed descriptor ENT. */
-static void
-compressed_range (const struct walk *w, uint64_t ent, uint64_t *off, uint64_t *len)
-{
-  unsigned x = 62 - (w->cluster_bits - 8);
-  uint64_t nsect = ((ent >> x) & ((1ULL << (w->cluster_bits - 8)) - 1)) + 1;
-  *off = ent & ((1ULL << x) - 1);
-  *len = nsect * 512 - (*off & 511);
-}
-
 static void
 add_doubt (struct walk *w, uint64_t src, uint64_t ent, enum ref k)
 {
@@ -517,13 +501,13 @@ walk_l2 (struct walk *w, uint64_t l2off, bool active)
         continue;
       }
       uint64_t coff, clen;
-      compressed_range (w, e & ~ENTRY_COPIED, &coff, &clen);
+      fmt_compressed_extent (w->cluster_bits, e & ~ENTRY_COPIED, &coff, &clen);
       ref_range (w, coff, clen, R_COMPRESSED, src, false);
       continue;
     }
 
     uint64_t off = e & L2_OFFSET_MASK, reserved = e & L2_RESERVED_MASK;
-    if (w->extl2 && ((bm >> 32) & bm & 0xffffffff)) {
+    if (w->extl2 && ((bm >> 32) & bm & EXTL2_ALLOC_MASK)) {
       PROBLEM (w, QCOW_PROBLEM_INVALID, "L2 table", src, off,
                "ERROR L2 entry at 0x%" PRIx64 ": subclusters both allocated "
                "and zero (bitmap 0x%016" PRIx64 ")", src, bm);
@@ -536,7 +520,7 @@ walk_l2 (struct walk *w, uint64_t l2off, bool active)
                "0x%016" PRIx64, src, e);
     }
     if (!off) {
-      if (w->extl2 && (bm & 0xffffffff)) {
+      if (w->extl2 && (bm & EXTL2_ALLOC_MASK)) {
         PROBLEM (w, QCOW_PROBLEM_INVALID, "L2 table", src, 0,
                  "ERROR L2 entry at 0x%" PRIx64 ": allocated subclusters "
                  "without a host cluster", src);
@@ -667,22 +651,6 @@ walk_l1 (struct walk *w, uint64_t l1off, uint32_t l1_size, bool active)
 
 /* ---- refcounts ---- */
 
-static uint64_t
-refblock_entry (unsigned order, const uint8_t *d, uint64_t i)
-{
-  if (order < 3) {
-    unsigned bits = 1u << order;
-    uint64_t bit = i * bits;
-    return (d[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
-  }
-  switch (order) {
-  case 3: return d[i];
-  case 4: return rd16 (d + 2 * i);
-  case 5: return rd32 (d + 4 * i);
-  default: return rd64 (d + 8 * i);
-  }
-}
-
 /* Read the refcount table and blocks into w->stored and count their
  * clusters.  Planning counts only the table (the rebuild replaces the
  * blocks), and unlinks the blocks that qcow_connect would refuse:
@@ -742,7 +710,7 @@ walk_refcounts (struct walk *w)
       break;
     for (uint64_t j = 0; j < per_block && first + j < w->nclusters; j++) {
       uint64_t v = bad ? RC_UNKNOWN
-        : refblock_entry (w->h.refcount_order, w->buf, j);
+        : fmt_refcount_get (w->h.refcount_order, w->buf, j);
       w->stored[first + j] = v >= RC_UNKNOWN && !bad ? RC_UNKNOWN - 1 : v;
     }
   }
@@ -893,19 +861,18 @@ walk_snapshots (struct walk *w)
     goto out;
   uint64_t off = 0;
   for (uint32_t i = 0; i < h->nb_snapshots; i++) {
-    uint64_t extra = off + 40 <= avail ? rd32 (t + off + 36) : 0;
-    if (off + 40 <= avail && h->version >= 3 && extra < 16) {
+    struct fmt_snapshot e;
+    int d = fmt_snapshot_decode (t + off, off < avail ? avail - off : 0, &e);
+    if (d == 0 && h->version >= 3 && e.extra_len < SNAPSHOT_EXTRA_V3) {
       /* Version 3 needs the large VM state size and the disk size. */
       PROBLEM (w, QCOW_PROBLEM_INVALID, "snapshot table",
                h->snapshots_offset + off, h->snapshots_offset,
                "ERROR snapshot table entry %" PRIu32 " is incomplete (%"
-               PRIu64 " bytes of extra data)", i, extra);
+               PRIu32 " bytes of extra data)", i, e.extra_len);
       if (w->plan)
         refuse (w, "the snapshot table is incomplete");
     }
-    uint64_t len = off + 40 <= avail
-      ? 40 + extra + rd16 (t + off + 12) + rd16 (t + off + 14) : 0;
-    if (off + 40 > avail || extra > MAX_SNAPSHOT_EXTRA || off + len > avail) {
+    if (d < 0) {
       /* Without the table the snapshots' clusters cannot be counted
        * (QEMU gives up here too). */
       w->err = -EINVAL;
@@ -913,17 +880,18 @@ walk_snapshots (struct walk *w)
             " is truncated or malformed", i, h->snapshots_offset + off);
       goto out;
     }
-    off += (len + 7) & ~7ULL;
+    off += e.len;
   }
   ref_range (w, h->snapshots_offset, off, R_SNAPTABLE, 64, true);
 
   off = 0;
   for (uint32_t i = 0; i < h->nb_snapshots && !w->err; i++) {
-    const uint8_t *e = t + off;
+    struct fmt_snapshot e;
     uint64_t src = h->snapshots_offset + off;
-    uint64_t l1off = rd64 (e);
-    uint32_t l1_size = rd32 (e + 8);
-    off += (40 + rd32 (e + 36) + rd16 (e + 12) + rd16 (e + 14) + 7) & ~7ULL;
+    fmt_snapshot_decode (t + off, avail - off, &e);   /* (checked above) */
+    uint64_t l1off = e.l1_offset;
+    uint32_t l1_size = e.l1_size;
+    off += e.len;
     if (l1_size == 0)
       continue;
     if (l1_size > QCOW_MAX_L1_BYTES / 8 || l1off % cs) {
@@ -951,11 +919,11 @@ static void
 walk_bitmaps (struct walk *w)
 {
   const uint64_t cs = w->cs;
-  if (!w->bm_ext || !(w->h.autoclear_features & 1))
+  if (!w->bm_ext || !(w->h.autoclear_features & QCOW_AUTOCLEAR_BITMAPS))
     return;                     /* absent, or inconsistent and ignored */
   w->res->bitmaps_checked = true;
-  uint64_t dsize = w->bm_dir_size, doff = w->bm_dir_offset;
-  if (w->bm_nb == 0)
+  uint64_t dsize = w->bm.dir_size, doff = w->bm.dir_offset;
+  if (w->bm.nb_bitmaps == 0)
     return;
   if (dsize > MAX_BITMAP_DIR || doff % cs) {
     PROBLEM (w, QCOW_PROBLEM_INVALID, "bitmap directory", w->bm_ext + 16, doff,
@@ -975,17 +943,19 @@ walk_bitmaps (struct walk *w)
   if (rd (w, d, dsize, doff) < 0)
     goto out;
   uint64_t off = 0;
-  for (uint32_t i = 0; i < w->bm_nb && !w->err; i++) {
+  for (uint32_t i = 0; i < w->bm.nb_bitmaps && !w->err; i++) {
     uint64_t src = doff + off;
-    if (off + 24 > dsize ||
-        off + 24 + rd32 (d + off + 20) + rd16 (d + off + 18) > dsize) {
+    struct fmt_bitmap_entry be;
+    if (fmt_bitmap_entry_decode (d + off, dsize - off, &be) < 0) {
       PROBLEM (w, QCOW_PROBLEM_INVALID, "bitmap directory", src, doff,
                "ERROR bitmap directory entry %" PRIu32 " is truncated", i);
       break;
     }
-    uint64_t toff = rd64 (d + off);
-    uint32_t tsize = rd32 (d + off + 8);
-    off += (24 + rd32 (d + off + 20) + rd16 (d + off + 18) + 7) & ~7ULL;
+    uint64_t toff = be.table_offset;
+    uint32_t tsize = be.table_size;
+    off += be.len;
+    if (off > dsize)
+      off = dsize;
     if (tsize > MAX_BITMAP_TABLE || toff % cs) {
       PROBLEM (w, QCOW_PROBLEM_INVALID, "bitmap table", src, toff,
                "ERROR bitmap %" PRIu32 ": table at 0x%" PRIx64 " (%" PRIu32
@@ -1054,7 +1024,7 @@ parse_header (struct walk *w)
   }
   uint64_t backing_off;
   uint32_t backing_len;
-  header_read_fields (buf, h, &backing_off, &backing_len);
+  fmt_header_decode (buf, h, &backing_off, &backing_len);
   if (h->version != 2 && h->version != 3) {
     fail (res, "unsupported qcow2 version %" PRIu32, h->version);
     r = -ENOTSUP;
@@ -1071,44 +1041,37 @@ parse_header (struct walk *w)
     goto out;
   }
   if (h->version == 3) {
-    if (h->header_length < 104 || h->header_length > cs ||
+    if (h->header_length < QCOW_V3_MIN_HEADER_LEN || h->header_length > cs ||
         h->header_length > w->file_size) {
       fail (res, "header_length %" PRIu32 " is invalid", h->header_length);
       goto out;
     }
-    if (h->header_length > 104)
-      h->compression_type = buf[104];
   }
-  if (h->refcount_order > 6) {
+  if (h->refcount_order > QCOW_MAX_REFCOUNT_ORDER) {
     fail (res, "refcount_order %" PRIu32 " is invalid", h->refcount_order);
     goto out;
   }
 
   /* Extensions, inside the header cluster. */
-  bool data_file_ext = false, crypt_ext = false;
+  bool crypt_ext = false;
   uint64_t end = cs;             /* zero padded past the end of the file */
   if (backing_off && backing_off < end)
     end = backing_off;
-  for (uint64_t off = h->header_length; off + 8 <= end;) {
-    uint32_t type = rd32 (buf + off), len = rd32 (buf + off + 4);
-    if (len > end - off - 8) {  /* even the end marker's, as QEMU */
+  struct fmt_ext x;
+  int more;
+  for (uint64_t off = h->header_length;
+       (more = fmt_ext_next (buf, &off, end, &x)) != 0;) {
+    if (more < 0) {
       fail (res, "header extension 0x%08" PRIx32 " at offset %" PRIu64
-            " runs past the end of the header cluster", type, off);
+            " runs past the end of the header cluster", x.type, x.off - 8);
       goto out;
     }
-    if (type == EXT_END)
-      break;
-    if (type == EXT_DATA_FILE)
-      data_file_ext = true;
-    else if (type == EXT_ENCRYPTION)
+    if (x.type == EXT_ENCRYPTION)
       crypt_ext = true;
-    else if (type == EXT_BITMAPS && len >= 24) {
-      w->bm_ext = off + 8;
-      w->bm_nb = rd32 (buf + off + 8);
-      w->bm_dir_size = rd64 (buf + off + 16);
-      w->bm_dir_offset = rd64 (buf + off + 24);
+    else if (x.type == EXT_BITMAPS && x.len >= BITMAPS_EXT_LEN) {
+      w->bm_ext = x.off;
+      fmt_bitmaps_ext_decode (buf + x.off, &w->bm);
     }
-    off += 8 + ((len + 7ULL) & ~7ULL);
   }
 
   uint64_t incompat = h->incompatible_features;
@@ -1124,25 +1087,24 @@ parse_header (struct walk *w)
     goto out;
   }
   w->data_file = incompat & QCOW_INCOMPAT_DATA_FILE;   /* a name alone is ignored, as QEMU does */
-  (void) data_file_ext;
   w->extl2 = incompat & QCOW_INCOMPAT_EXTL2;
-  if (w->extl2 && h->cluster_bits < 14) {
+  if (w->extl2 && h->cluster_bits < EXTL2_MIN_CLUSTER_BITS) {
     fail (res, "extended L2 entries need clusters of at least 16 KiB");
     goto out;
   }
   if ((incompat & QCOW_INCOMPAT_COMPRESSION)
-      ? (h->header_length <= 104 || h->compression_type != 1)
+      ? (h->header_length <= HDR_COMPRESSION_TYPE || h->compression_type != COMPRESSION_ZSTD)
       : h->compression_type != 0) {
     fail (res, "compression_type %u does not match the feature bits",
           h->compression_type);
     goto out;
   }
   /* What QEMU refuses too (so both say "could not check"). */
-  if ((h->autoclear_features & 2) && !w->data_file) {
+  if ((h->autoclear_features & QCOW_AUTOCLEAR_DATA_RAW) && !w->data_file) {
     fail (res, "raw external data bit set without an external data file");
     goto out;
   }
-  if (backing_off > cs || (backing_off && (backing_len > 1023 ||
+  if (backing_off > cs || (backing_off && (backing_len > QCOW_MAX_BACKING_NAME ||
                                           backing_len > cs - backing_off))) {
     fail (res, "backing file name (offset %" PRIu64 ", length %" PRIu32
           ") is invalid", backing_off, backing_len);
@@ -1163,10 +1125,9 @@ parse_header (struct walk *w)
   w->esh = w->extl2 ? 4 : 3;
   w->l2_entries = cs >> w->esh;
   w->rb_bits = h->cluster_bits + 3 - h->refcount_order;
-  w->refcount_max = h->refcount_order == 6 ? UINT64_MAX
-    : (1ULL << (1u << h->refcount_order)) - 1;
+  w->refcount_max = fmt_refcount_max (h->refcount_order);
   res->cluster_size = cs;
-  if (h->size > (1ULL << 62)) {
+  if (h->size > QCOW_MAX_VIRTUAL_SIZE) {
     fail (res, "virtual size %" PRIu64 " is too large", h->size);
     goto out;
   }

@@ -143,7 +143,7 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
   }
   if (q->extl2) {
     uint64_t off = ent & L2_OFFSET_MASK;
-    uint64_t alloc = m->bitmap & 0xffffffffULL, zero = m->bitmap >> 32;
+    uint64_t alloc = m->bitmap & EXTL2_ALLOC_MASK, zero = m->bitmap >> 32;
     if ((ent & ENTRY_ZERO) || (alloc & zero) || (alloc && !off) ||
         (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
                  off >= q->file_size))) {

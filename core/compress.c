@@ -10,10 +10,7 @@
 void
 compressed_extent (struct qcow *q, uint64_t ent, uint64_t *off, uint64_t *len)
 {
-  unsigned x = 62 - (q->cluster_bits - 8);
-  uint64_t nsect = ((ent >> x) & ((1ULL << (q->cluster_bits - 8)) - 1)) + 1;
-  *off = ent & ((1ULL << x) - 1);
-  *len = nsect * 512 - (*off & 511);
+  fmt_compressed_extent (q->cluster_bits, ent, off, len);
 }
 
 /* Decompression contexts are reused per thread (creating a zstd context
@@ -116,12 +113,12 @@ compressed_read (struct qcow *q, uint64_t ent, uint8_t *out)
     return -ENOMEM;
   int r = io_pread (q, in, len, off);
   if (r == 0) {
-    int z = q->h.compression_type == 1
+    int z = q->h.compression_type == COMPRESSION_ZSTD
       ? inflate_zstd (in, len, out, q->cluster_size)
       : inflate_zlib (in, len, out, q->cluster_size);
     if (z < 0) {
       ERR (q, "compressed cluster at 0x%" PRIx64 " is corrupt (%s)", off,
-           q->h.compression_type == 1 ? "zstd" : "zlib");
+           q->h.compression_type == COMPRESSION_ZSTD ? "zstd" : "zlib");
       r = -EIO;
     }
   }

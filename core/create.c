@@ -98,8 +98,8 @@ qcow_create_backend (struct qcow_backend *b, const struct qcow_create_opts *o)
                           &rct_off, &rct_clusters, &end);
   if (r < 0)
     goto out;
-  wr64 (hdr + 48, rct_off);
-  wr32 (hdr + 56, rct_clusters);
+  wr64 (hdr + HDR_RCT_OFFSET, rct_off);
+  wr32 (hdr + HDR_RCT_CLUSTERS, rct_clusters);
   /* The L1 table: zeros (written so the file covers it), then the header
    * last, so that a crash before it leaves no half image behind. */
   if ((r = io_bpwrite (b, zero, l1_clusters * cs, cs)) < 0 ||

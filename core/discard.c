@@ -212,7 +212,7 @@ zero_needs_writes (struct qcow *q, uint64_t count, uint64_t offset,
       break;
     bool whole = gc * cs >= offset && (gc + 1) * cs <= offset + count;
     if (q->extl2)
-      *yes = m.kind == C_COMPRESSED && sc_units (q, gc, offset, offset + count) != 0xffffffffULL;
+      *yes = m.kind == C_COMPRESSED && sc_units (q, gc, offset, offset + count) != EXTL2_ALLOC_MASK;
     else if (whole)
       *yes = mode == CLEAR_ZERO_KEEP && q->h.version < 3 && m.kind == C_DATA;
     else                        /* a partial edge is a byte write */

@@ -1,83 +1,15 @@
 /* header.c - parse and validate the header and its extensions; write
  * header fields; build the header of a new image. */
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "internal.h"
 
-/* Names of the features we know, for messages. */
-static const struct { int type, bit; const char *name; } known_features[] = {
-  { 0, 0, "dirty bit" },
-  { 0, 1, "corrupt bit" },
-  { 0, 2, "external data file" },
-  { 0, 3, "compression type" },
-  { 0, 4, "extended L2 entries" },
-  { 1, 0, "lazy refcounts" },
-  { 2, 0, "bitmaps" },
-  { 2, 1, "raw external data" },
-};
-
-/* The image's own feature table, kept for naming unknown bits. */
-static const char *
-image_feature_name (const uint8_t *table, uint32_t len, int type, int bit,
-                    char *buf, size_t bufsize)
-{
-  for (uint32_t i = 0; i + 48 <= len; i += 48)
-    if (table[i] == type && table[i + 1] == bit) {
-      snprintf (buf, bufsize, "%.46s", (const char *) &table[i + 2]);
-      return buf;
-    }
-  return NULL;
-}
-
-const char *
-qcow_feature_name (int type, int bit)
-{
-  for (size_t i = 0; i < sizeof known_features / sizeof known_features[0]; i++)
-    if (known_features[i].type == type && known_features[i].bit == bit)
-      return known_features[i].name;
-  return NULL;
-}
-
 static bool
 overlaps (uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 {
   return a < b + blen && b < a + alen;
-}
-
-/* The header's fields as BUF holds them (at least 104 bytes), not
- * validated: the version 3 fields only for version 3 (version 2 gets its
- * implied refcount order and header length); the backing file name's
- * offset and length go to *BACKING_OFF and *BACKING_LEN.  Shared by
- * header_parse and the tolerant reading of qcow_check_file. */
-void
-header_read_fields (const uint8_t *buf, struct qcow_header *h,
-                    uint64_t *backing_off, uint32_t *backing_len)
-{
-  memset (h, 0, sizeof *h);
-  h->version = rd32 (buf + 4);
-  *backing_off = rd64 (buf + 8);
-  *backing_len = rd32 (buf + 16);
-  h->cluster_bits = rd32 (buf + 20);
-  h->size = rd64 (buf + 24);
-  h->crypt_method = rd32 (buf + 32);
-  h->l1_size = rd32 (buf + 36);
-  h->l1_table_offset = rd64 (buf + 40);
-  h->refcount_table_offset = rd64 (buf + 48);
-  h->refcount_table_clusters = rd32 (buf + 56);
-  h->nb_snapshots = rd32 (buf + 60);
-  h->snapshots_offset = rd64 (buf + 64);
-  if (h->version == 3) {
-    h->incompatible_features = rd64 (buf + 72);
-    h->compatible_features = rd64 (buf + 80);
-    h->autoclear_features = rd64 (buf + 88);
-    h->refcount_order = rd32 (buf + 96);
-    h->header_length = rd32 (buf + 100);
-  }
-  else {
-    h->refcount_order = 4;
-    h->header_length = QCOW_V2_HEADER_LEN;
-  }
 }
 
 /* Parse BUF (the first cluster, or the whole file if smaller; zero padded
@@ -99,7 +31,7 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
   }
   uint64_t backing_off;
   uint32_t backing_len;
-  header_read_fields (buf, h, &backing_off, &backing_len);
+  fmt_header_decode (buf, h, &backing_off, &backing_len);
   if (h->version != 2 && h->version != 3) {
     ERR (q, "unsupported qcow2 version %" PRIu32 " (only 2 and 3)", h->version);
     return -ENOTSUP;
@@ -113,25 +45,23 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
   }
   const uint64_t cs = 1ULL << h->cluster_bits;
   if (h->version == 3) {
-    if (file_size < 104) {
+    if (file_size < QCOW_V3_MIN_HEADER_LEN) {
       ERR (q, "file is truncated (%" PRIu64 " bytes): no room for the "
            "version 3 header", file_size);
       return -EINVAL;
     }
-    if (h->header_length < 104 || h->header_length % 8 != 0 ||
+    if (h->header_length < QCOW_V3_MIN_HEADER_LEN || h->header_length % 8 != 0 ||
         h->header_length > cs) {
       ERR (q, "header_length %" PRIu32 " is invalid (must be a multiple of 8 "
            "between 104 and the cluster size)", h->header_length);
       return -EINVAL;
     }
-    if (h->header_length > 104)
-      h->compression_type = buf[104];
   }
   if (file_size < h->header_length) {
     ERR (q, "file is truncated: shorter than its header");
     return -EINVAL;
   }
-  if (h->refcount_order > 6) {
+  if (h->refcount_order > QCOW_MAX_REFCOUNT_ORDER) {
     ERR (q, "refcount_order %" PRIu32 " is invalid (at most 6)", h->refcount_order);
     return -EINVAL;
   }
@@ -139,24 +69,23 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
   /* Header extensions: walk them all, bounded by the first cluster. */
   const uint8_t *ftable = NULL;
   uint32_t ftable_len = 0;
-  bool have_data_file_ext = false, have_crypt_ext = false;
+  bool have_crypt_ext = false;
   uint64_t end = cs < file_size ? cs : file_size;
   if (backing_off && backing_off < end)
     end = backing_off;
-  for (uint64_t off = h->header_length;;) {
-    if (off + 8 > end)
-      break;                    /* no end marker before the limit: tolerated */
-    uint32_t type = rd32 (buf + off), len = rd32 (buf + off + 4);
-    if (type == EXT_END)
-      break;
-    if (len > end - off - 8) {
+  struct fmt_ext x;
+  int more;
+  for (uint64_t off = h->header_length;
+       (more = fmt_ext_next (buf, &off, end, &x)) != 0;) {
+    if (more < 0) {
       ERR (q, "header extension 0x%08" PRIx32 " at offset %" PRIu64
            " (length %" PRIu32 ") runs past the end of the header",
-           type, off, len);
+           x.type, x.off - 8, x.len);
       return -EINVAL;
     }
-    const uint8_t *data = buf + off + 8;
-    switch (type) {
+    const uint8_t *data = buf + x.off;
+    uint32_t len = x.len;
+    switch (x.type) {
     case EXT_BACKING_FORMAT:
       snprintf (h->backing_format, sizeof h->backing_format, "%.*s",
                 (int) (len < sizeof h->backing_format ? len : sizeof h->backing_format - 1),
@@ -166,7 +95,6 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
       ftable = data; ftable_len = len;
       break;
     case EXT_DATA_FILE:
-      have_data_file_ext = true;
       snprintf (h->data_file, sizeof h->data_file, "%.*s",
                 (int) (len < sizeof h->data_file ? len : sizeof h->data_file - 1),
                 (const char *) data);
@@ -177,7 +105,6 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
     default:                    /* bitmaps and unknown: left as they are */
       break;
     }
-    off += 8 + ((len + 7ULL) & ~7ULL);
   }
 
   /* Features. */
@@ -185,7 +112,7 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
   if (unknown) {
     int bit = __builtin_ctzll (unknown);
     char nbuf[64];
-    const char *name = image_feature_name (ftable, ftable_len, 0, bit, nbuf, sizeof nbuf);
+    const char *name = fmt_feature_table_name (ftable, ftable_len, 0, bit, nbuf, sizeof nbuf);
     ERR (q, "unsupported incompatible feature bit %d%s%s%s", bit,
          name ? " (" : "", name ? name : "", name ? ")" : "");
     return -ENOTSUP;
@@ -206,8 +133,8 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
     ERR (q, "an image with an external data file cannot have snapshots");
     return -EINVAL;
   }
-  (void) have_data_file_ext;
-  if ((h->incompatible_features & QCOW_INCOMPAT_EXTL2) && h->cluster_bits < 14) {
+  if ((h->incompatible_features & QCOW_INCOMPAT_EXTL2) &&
+      h->cluster_bits < EXTL2_MIN_CLUSTER_BITS) {
     ERR (q, "extended L2 entries need clusters of at least 16 KiB");
     return -EINVAL;
   }
@@ -217,7 +144,8 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
     return -ENOTSUP;
   }
   if (h->incompatible_features & QCOW_INCOMPAT_COMPRESSION) {
-    if (h->header_length <= 104 || h->compression_type != 1) {
+    if (h->header_length <= HDR_COMPRESSION_TYPE ||
+        h->compression_type != COMPRESSION_ZSTD) {
       ERR (q, "compression type bit is set but compression_type is %u",
            h->compression_type);
       return -EINVAL;
@@ -229,7 +157,7 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
     return -EINVAL;
   }
   if (backing_off != 0) {
-    if (backing_len == 0 || backing_len > 1023 || backing_off > cs ||
+    if (backing_len == 0 || backing_len > QCOW_MAX_BACKING_NAME || backing_off > cs ||
         backing_len > cs - backing_off || backing_off + backing_len > file_size) {
       ERR (q, "backing file name (offset %" PRIu64 ", length %" PRIu32
            ") lies outside the header cluster", backing_off, backing_len);
@@ -251,10 +179,9 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
   q->l2_bits = h->cluster_bits - q->l2_esh;
   q->sc_bits = q->extl2 ? h->cluster_bits - 5 : h->cluster_bits;
   q->rb_bits = h->cluster_bits + 3 - h->refcount_order;
-  q->refcount_max = h->refcount_order == 6 ? UINT64_MAX
-    : (1ULL << (1u << h->refcount_order)) - 1;
+  q->refcount_max = fmt_refcount_max (h->refcount_order);
 
-  if (h->size > (1ULL << 62)) {
+  if (h->size > QCOW_MAX_VIRTUAL_SIZE) {
     ERR (q, "virtual size %" PRIu64 " is too large", h->size);
     return -EINVAL;
   }
@@ -320,32 +247,15 @@ header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size)
   return 0;
 }
 
-/* Write header bytes [off, off+len) from q->h. */
+/* Write header bytes [off, off+len) from q->h: fields from the cluster
+ * bits on (the backing file name's place is never rewritten). */
 int
 header_write_fields (struct qcow *q, unsigned off, unsigned len)
 {
   uint8_t buf[QCOW_V3_HEADER_LEN];
-  const struct qcow_header *h = &q->h;
-  memset (buf, 0, sizeof buf);
-  wr32 (buf, QCOW_MAGIC);
-  wr32 (buf + 4, h->version);
-  wr32 (buf + 20, h->cluster_bits);
-  wr64 (buf + 24, h->size);
-  wr32 (buf + 36, h->l1_size);
-  wr64 (buf + 40, h->l1_table_offset);
-  wr64 (buf + 48, h->refcount_table_offset);
-  wr32 (buf + 56, h->refcount_table_clusters);
-  wr32 (buf + 60, h->nb_snapshots);
-  wr64 (buf + 64, h->snapshots_offset);
-  wr64 (buf + 72, h->incompatible_features);
-  wr64 (buf + 80, h->compatible_features);
-  wr64 (buf + 88, h->autoclear_features);
-  wr32 (buf + 96, h->refcount_order);
-  wr32 (buf + 100, h->header_length);
-  if (off + len > (h->version == 2 ? QCOW_V2_HEADER_LEN : 104) || off < 20) {
-    ERR (q, "internal error: header write of [%u, %u)", off, off + len);
-    return -EINVAL;
-  }
+  unsigned end = q->h.version == 2 ? QCOW_V2_HEADER_LEN : QCOW_V3_MIN_HEADER_LEN;
+  assert (off >= HDR_CLUSTER_BITS && off + len <= end);
+  fmt_header_encode (buf, &q->h, 0, 0);
   return io_pwrite (q, buf + off, len, off);
 }
 
@@ -353,7 +263,7 @@ int
 header_set_incompat (struct qcow *q, uint64_t incompat)
 {
   q->h.incompatible_features = incompat;
-  int r = header_write_fields (q, 72, 8);
+  int r = header_write_fields (q, HDR_INCOMPAT, 8);
   if (r == 0)
     r = io_sync (q);
   return r;
@@ -364,34 +274,27 @@ size_t
 header_build (uint8_t *buf, size_t bufsize, const struct qcow_create_opts *o,
               uint64_t l1_offset, uint32_t l1_size)
 {
+  struct qcow_header h = {
+    .version = o->version, .cluster_bits = o->cluster_bits, .size = o->size,
+    .l1_size = l1_size, .l1_table_offset = l1_offset,
+    /* the refcount table's place is filled in by the caller */
+  };
   memset (buf, 0, bufsize);
-  wr32 (buf, QCOW_MAGIC);
-  wr32 (buf + 4, o->version);
-  wr32 (buf + 20, o->cluster_bits);
-  wr64 (buf + 24, o->size);
-  wr32 (buf + 36, l1_size);
-  wr64 (buf + 40, l1_offset);
-  /* refcount table fields (48, 56) are filled in by the caller */
   size_t off = QCOW_V2_HEADER_LEN;
   if (o->version == 3) {
-    wr64 (buf + 80, o->lazy_refcounts ? QCOW_COMPAT_LAZY_REFCOUNTS : 0);
-    wr32 (buf + 96, o->refcount_order);
-    wr32 (buf + 100, QCOW_V3_HEADER_LEN);
+    h.compatible_features = o->lazy_refcounts ? QCOW_COMPAT_LAZY_REFCOUNTS : 0;
+    h.refcount_order = o->refcount_order;
+    h.header_length = QCOW_V3_HEADER_LEN;
     off = QCOW_V3_HEADER_LEN;
     /* Feature name table, as QEMU writes it, if it fits. */
-    size_t n = sizeof known_features / sizeof known_features[0];
-    if (off + 8 + n * 48 + 8 <= bufsize) {
+    size_t n = bufsize > off + 16 ? fmt_feature_table_encode (buf + off + 8, bufsize - off - 16) : 0;
+    if (n) {
       wr32 (buf + off, EXT_FEATURE_TABLE);
-      wr32 (buf + off + 4, n * 48);
-      for (size_t i = 0; i < n; i++) {
-        uint8_t *e = buf + off + 8 + i * 48;
-        e[0] = known_features[i].type;
-        e[1] = known_features[i].bit;
-        memcpy (e + 2, known_features[i].name, strlen (known_features[i].name));
-      }
-      off += 8 + n * 48;
+      wr32 (buf + off + 4, n);
+      off += 8 + n;
     }
   }
+  fmt_header_encode (buf, &h, 0, 0);
   off += 8;                     /* end marker (zeros) */
   return off;
 }

@@ -14,46 +14,10 @@
 #include <inttypes.h>
 
 #include "qcow.h"
+#include "format.h"
 #include "lock.h"
 
-#define QCOW_MAGIC 0x514649fbU            /* "QFI\xfb" */
-#define QCOW_V2_HEADER_LEN 72
-#define QCOW_V3_HEADER_LEN 112            /* what we write: incl. compression_type */
-#define QCOW_MIN_CLUSTER_BITS 9
-#define QCOW_MAX_CLUSTER_BITS 21
-#define QCOW_MAX_L1_BYTES (32u << 20)     /* QEMU's limit */
-#define QCOW_MAX_RCT_BYTES (8u << 20)     /* QEMU's limit */
-#define QCOW_MAX_HOST_OFFSET (1ULL << 56) /* L2 entries hold bits 9..55 */
-
-/* Header extension types. */
-#define EXT_END            0x00000000U
-#define EXT_BACKING_FORMAT 0xe2792acaU
-#define EXT_FEATURE_TABLE  0x6803f857U
-#define EXT_BITMAPS        0x23852875U
-#define EXT_ENCRYPTION     0x0537be77U
-#define EXT_DATA_FILE      0x44415441U
-
-/* Table entry bits. */
-#define ENTRY_COPIED      (1ULL << 63)
-#define ENTRY_COMPRESSED  (1ULL << 62)
-#define ENTRY_ZERO        1ULL
-#define L1_OFFSET_MASK    0x00fffffffffffe00ULL
-#define L1_RESERVED_MASK  0x7f000000000001ffULL
-#define L2_OFFSET_MASK    0x00fffffffffffe00ULL
-#define L2_RESERVED_MASK  0x3f000000000001feULL
-#define RCT_OFFSET_MASK   0xfffffffffffffe00ULL
 #define DEFER_DATA_FILE   (1ULL << 63)  /* deferred: punch in the data file */
-
-#define KNOWN_INCOMPAT (QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | \
-                        QCOW_INCOMPAT_DATA_FILE | QCOW_INCOMPAT_COMPRESSION | \
-                        QCOW_INCOMPAT_EXTL2)
-
-static inline uint64_t rd64 (const void *p) { uint64_t v; memcpy (&v, p, 8); return be64toh (v); }
-static inline uint32_t rd32 (const void *p) { uint32_t v; memcpy (&v, p, 4); return be32toh (v); }
-static inline uint16_t rd16 (const void *p) { uint16_t v; memcpy (&v, p, 2); return be16toh (v); }
-static inline void wr64 (void *p, uint64_t v) { v = htobe64 (v); memcpy (p, &v, 8); }
-static inline void wr32 (void *p, uint32_t v) { v = htobe32 (v); memcpy (p, &v, 4); }
-static inline void wr16 (void *p, uint16_t v) { v = htobe16 (v); memcpy (p, &v, 2); }
 
 static inline uint64_t div_round_up (uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
@@ -245,8 +209,6 @@ int backend_open_file_flags (const char *path, int flags, mode_t mode,
 int backend_lock (struct qcow_backend *b, enum qcow_lock to, char *msg, size_t len);
 
 /* ---- header.c ---- */
-void header_read_fields (const uint8_t *buf, struct qcow_header *h,
-                         uint64_t *backing_off, uint32_t *backing_len);
 int header_parse (struct qcow *q, const uint8_t *buf, uint64_t file_size);
 int header_write_fields (struct qcow *q, unsigned off, unsigned len);
 int header_set_incompat (struct qcow *q, uint64_t incompat);

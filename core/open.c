@@ -281,7 +281,7 @@ begin_modify (struct qcow *q)
   uint64_t keep_bits = q->data_raw ? QCOW_AUTOCLEAR_DATA_RAW : 0;
   if (q->h.autoclear_features & ~keep_bits) {
     q->h.autoclear_features &= keep_bits;
-    if ((r = header_write_fields (q, 88, 8)) < 0 || (r = io_sync (q)) < 0)
+    if ((r = header_write_fields (q, HDR_AUTOCLEAR, 8)) < 0 || (r = io_sync (q)) < 0)
       return r;
   }
   if (q->h.incompatible_features & QCOW_INCOMPAT_DIRTY) {

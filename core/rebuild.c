@@ -160,7 +160,7 @@ rc_rebuild (struct qcow *q)
   q->rct_dirty = false;
   q->h.refcount_table_offset = rct_off;
   q->h.refcount_table_clusters = rct_clusters;
-  if ((r = header_write_fields (q, 48, 12)) < 0 || (r = io_sync (q)) < 0)
+  if ((r = header_write_fields (q, HDR_RCT_OFFSET, HDR_NB_SNAPSHOTS - HDR_RCT_OFFSET)) < 0 || (r = io_sync (q)) < 0)
     goto out;
   q->free_hint = 1;
   if (new_end > q->frontier)

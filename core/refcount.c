@@ -5,41 +5,6 @@
 
 #include "internal.h"
 
-/* ---- entries inside one refcount block ---- */
-static uint64_t
-rb_read (unsigned order, const uint8_t *d, uint64_t i)
-{
-  switch (order) {
-  case 0: case 1: case 2: {
-    unsigned bits = 1u << order;
-    uint64_t bit = i * bits;
-    return (d[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
-  }
-  case 3: return d[i];
-  case 4: return rd16 (d + 2 * i);
-  case 5: return rd32 (d + 4 * i);
-  default: return rd64 (d + 8 * i);
-  }
-}
-
-static void
-rb_write (unsigned order, uint8_t *d, uint64_t i, uint64_t v)
-{
-  switch (order) {
-  case 0: case 1: case 2: {
-    unsigned bits = 1u << order;
-    uint64_t bit = i * bits;
-    uint8_t mask = ((1u << bits) - 1) << (bit % 8);
-    d[bit / 8] = (d[bit / 8] & ~mask) | ((v << (bit % 8)) & mask);
-    break;
-  }
-  case 3: d[i] = v; break;
-  case 4: wr16 (d + 2 * i, v); break;
-  case 5: wr32 (d + 4 * i, v); break;
-  default: wr64 (d + 8 * i, v); break;
-  }
-}
-
 /* The cached refcount block IDX, or NULL in *EP if it does not exist. */
 static int
 rc_block (struct qcow *q, uint64_t idx, struct centry **ep)
@@ -72,7 +37,7 @@ rc_get (struct qcow *q, uint64_t cluster, uint64_t *rc)
   if (r < 0)
     return r;
   uint64_t mask = (1ULL << q->rb_bits) - 1;
-  *rc = e ? rb_read (q->h.refcount_order, e->data, cluster & mask) : 0;
+  *rc = e ? fmt_refcount_get (q->h.refcount_order, e->data, cluster & mask) : 0;
   return 0;
 }
 
@@ -89,7 +54,7 @@ rc_set (struct qcow *q, uint64_t cluster, uint64_t rc)
     return -EIO;
   }
   uint64_t mask = (1ULL << q->rb_bits) - 1;
-  rb_write (q->h.refcount_order, e->data, cluster & mask, rc);
+  fmt_refcount_set (q->h.refcount_order, e->data, cluster & mask, rc);
   cache_mark_dirty (&q->refblock_cache, e);
   return 0;
 }
@@ -242,7 +207,7 @@ rct_commit_switch (struct qcow *q)
   if ((r = cache_write_dirty (q, &q->refblock_cache)) < 0 || (r = write_rct (q)) < 0 ||
       (r = io_sync (q)) < 0)
     return r;
-  if ((r = header_write_fields (q, 48, 12)) < 0 || (r = io_sync (q)) < 0)
+  if ((r = header_write_fields (q, HDR_RCT_OFFSET, HDR_NB_SNAPSHOTS - HDR_RCT_OFFSET)) < 0 || (r = io_sync (q)) < 0)
     return r;
   q->rct_switch_pending = false;
   /* Deferred, not freed here: this may run inside a cache eviction. */
@@ -288,7 +253,7 @@ ensure_block (struct qcow *q, uint64_t cluster, bool *created)
   struct centry *e;
   if ((r = install_block (q, idx, c, &e)) < 0)
     return r;
-  rb_write (q->h.refcount_order, e->data, 0, 1);
+  fmt_refcount_set (q->h.refcount_order, e->data, 0, 1);
   if (c + 1 > q->frontier)
     q->frontier = c + 1;
   *created = true;
@@ -678,7 +643,7 @@ rc_write_structure (struct qcow_backend *b, unsigned cluster_bits,
       else if (c < tend) v = 1;
       else break;
       if (v)
-        rb_write (order, blk, j, v);
+        fmt_refcount_set (order, blk, j, v);
     }
     wr64 (tab + 8 * i, next << cluster_bits);
     if ((r = io_bpwrite (b, blk, cs, next << cluster_bits)) < 0)

@@ -45,7 +45,7 @@ grow_l1 (struct qcow *q, uint64_t entries)
   q->h.l1_size = entries;
   q->h.l1_table_offset = first << q->cluster_bits;
   q->l1_dirty_lo = q->l1_dirty_hi = 0;
-  if ((r = header_write_fields (q, 24, 24)) < 0 || (r = io_sync (q)) < 0)
+  if ((r = header_write_fields (q, HDR_SIZE, HDR_RCT_OFFSET - HDR_SIZE)) < 0 || (r = io_sync (q)) < 0)
     return r;
   if (old_n)
     for (uint64_t i = 0; i < div_round_up (old_n * 8, cs); i++)
@@ -140,7 +140,7 @@ qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss)
     r = grow_l1 (q, entries);
   if (r == 0 && (r = metadata_sync (q)) == 0 && (r = io_sync (q)) == 0) {
     q->h.size = new_size;
-    if ((r = header_write_fields (q, 24, 8)) == 0)
+    if ((r = header_write_fields (q, HDR_SIZE, 8)) == 0)
       r = io_sync (q);
   }
   if (r == 0)

@@ -6,10 +6,6 @@
 
 #include "internal.h"
 
-#define MAX_SNAPSHOTS 65536                 /* QEMU's limits */
-#define MAX_SNAPSHOT_TABLE (64u << 20)
-#define MAX_SNAPSHOT_EXTRA 1024
-
 void
 snapshots_free (struct qcow *q)
 {
@@ -53,37 +49,30 @@ snapshots_load (struct qcow *q)
   uint64_t off = 0;
   r = -EINVAL;
   for (uint32_t i = 0; i < h->nb_snapshots; i++) {
-    if (off + 40 > avail) {
-      ERR (q, "snapshot table is truncated at snapshot %" PRIu32, i);
+    struct fmt_snapshot e;
+    int d = fmt_snapshot_decode (buf + off, avail - off, &e);
+    if (d == -2) {
+      ERR (q, "snapshot %" PRIu32 " has too much extra data (%" PRIu32 " bytes)",
+           i, e.extra_len);
       goto out;
     }
-    const uint8_t *e = buf + off;
+    if (d < 0) {
+      ERR (q, off + SNAPSHOT_ENTRY_LEN > avail
+           ? "snapshot table is truncated at snapshot %" PRIu32
+           : "snapshot %" PRIu32 " runs past the end of the snapshot table", i);
+      goto out;
+    }
     struct snapshot *s = &q->snap[i];
-    s->l1_offset = rd64 (e);
-    s->l1_size = rd32 (e + 8);
-    uint16_t id_len = rd16 (e + 12), name_len = rd16 (e + 14);
-    s->date_sec = rd32 (e + 16);
-    s->date_nsec = rd32 (e + 20);
-    s->vm_clock_nsec = rd64 (e + 24);
-    s->vm_state_size = rd32 (e + 32);
-    uint32_t extra = rd32 (e + 36);
-    if (extra > MAX_SNAPSHOT_EXTRA) {
-      ERR (q, "snapshot %" PRIu32 " has too much extra data (%" PRIu32 " bytes)", i, extra);
-      goto out;
-    }
-    uint64_t len = 40 + (uint64_t) extra + id_len + name_len;
-    if (off + len > avail) {
-      ERR (q, "snapshot %" PRIu32 " runs past the end of the snapshot table", i);
-      goto out;
-    }
-    if (extra >= 16)
-      s->vm_state_size = rd64 (e + 40);
-    if (extra >= 24) {
-      s->disk_size = rd64 (e + 48);
-      s->has_disk_size = true;
-    }
-    s->id = strndup ((const char *) e + 40 + extra, id_len);
-    s->name = strndup ((const char *) e + 40 + extra + id_len, name_len);
+    s->l1_offset = e.l1_offset;
+    s->l1_size = e.l1_size;
+    s->date_sec = e.date_sec;
+    s->date_nsec = e.date_nsec;
+    s->vm_clock_nsec = e.vm_clock_nsec;
+    s->vm_state_size = e.vm_state_size;
+    s->disk_size = e.disk_size;
+    s->has_disk_size = e.has_disk_size;
+    s->id = strndup ((const char *) e.id, e.id_len);
+    s->name = strndup ((const char *) e.name, e.name_len);
     q->nsnap = i + 1;
     if (!s->id || !s->name) {
       r = -ENOMEM;
@@ -97,7 +86,7 @@ snapshots_load (struct qcow *q)
            " entries) is invalid or outside the file", s->id, s->l1_offset, s->l1_size);
       goto out;
     }
-    off += (len + 7) & ~7ULL;
+    off += e.len;
   }
   q->snap_table_len = off;
   r = 0;

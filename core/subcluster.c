@@ -6,7 +6,7 @@
 
 #include "internal.h"
 
-#define ALL_UNITS 0xffffffffULL
+#define ALL_UNITS EXTL2_ALLOC_MASK
 
 enum unit_state { U_ALLOC, U_ZERO, U_UNALLOC };
 
