@@ -1,19 +1,27 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* cache.c - metadata table cache for L2 tables and refcount blocks.
  *
  * Entries are found by key (the L1 index of an L2 table, the refcount
  * table index of a refcount block) through a slot array, and kept on an
- * LRU list.  All calls are made with q->lock held.  Dirty entries are
- * written back by metadata_sync() in dependency order; evicting a dirty
- * entry first runs that sync so the order is never broken. */
+ * LRU list.  All calls are made with q->lock held.
+ *
+ * The cache knows nothing of the order in which dirty tables must reach
+ * the disk (refcount blocks before the L2 tables that use their clusters,
+ * L2 tables before the L1 entries that point to them): the layer above
+ * gives it, at cache_init, a write-back callback that writes every dirty
+ * table in that order (cluster.c's metadata_sync), and the cache calls it
+ * before it evicts a dirty entry, so the order is never broken. */
 #include <stdlib.h>
 
 #include "internal.h"
 
 void
-cache_init (struct cache *c, const char *what, size_t max)
+cache_init (struct cache *c, const char *what, size_t max,
+            int (*writeback) (struct qcow *q))
 {
   memset (c, 0, sizeof *c);
   c->what = what;
+  c->writeback = writeback;
   c->max = max < 4 ? 4 : max;
   c->lru.prev = c->lru.next = &c->lru;
 }
@@ -106,7 +114,7 @@ cache_evict (struct qcow *q, struct cache *c)
   while (c->count >= c->max) {
     struct centry *victim = c->lru.prev;
     if (victim->dirty) {
-      int r = metadata_sync (q);
+      int r = c->writeback (q);
       if (r < 0)
         return r;
     }
@@ -119,10 +127,7 @@ int
 cache_get (struct qcow *q, struct cache *c, uint64_t key, uint64_t offset,
            bool fresh, struct centry **ep)
 {
-  if (key >= c->nslots) {
-    ERR (q, "internal error: %s index %" PRIu64 " out of range", c->what, key);
-    return -EIO;
-  }
+  assert (key < c->nslots);     /* slots cover the L1 / refcount table */
   struct centry *e = c->slot[key];
   if (e) {
     lru_unlink (e);

@@ -26,10 +26,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
 {
   int r;
   *ep = NULL;
-  if (idx >= q->h.l1_size) {
-    ERR (q, "internal error: L1 index %" PRIu64 " out of range", idx);
-    return -EIO;
-  }
+  assert (idx < q->h.l1_size);     /* guest offsets are checked first */
   struct centry *e = cache_peek (&q->l2_cache, idx);
   if (e) {
     *ep = e;
@@ -54,11 +51,11 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
   }
   if (off % q->cluster_size != 0 || off < q->cluster_size ||
       off >= q->file_size) {
-    ERR (q, "L1 entry %" PRIu64 " points to an L2 table at 0x%" PRIx64 " %s",
-         idx, off, off % q->cluster_size ? "that is misaligned"
-         : off < q->cluster_size ? "inside the header"
-         : "beyond the end of the file");
-    return -EIO;
+    return qcow_corrupt (q, "L1 table", q->h.l1_table_offset + idx * 8,
+                         "entry %" PRIu64 " points to an L2 table at 0x%"
+                         PRIx64 " %s", idx, off, off % q->cluster_size
+                         ? "that is misaligned" : off < q->cluster_size
+                         ? "inside the header" : "beyond the end of the file");
   }
   if ((r = cache_get (q, &q->l2_cache, idx, off, false, ep)) < 0)
     return r;
@@ -127,15 +124,16 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
     m->bitmap = rd64 (ep + 8);
   m->copied = ent & ENTRY_COPIED;
   if ((ent & ENTRY_COMPRESSED) && q->data_path) {
-    ERR (q, "compressed cluster at guest offset 0x%" PRIx64 " in an image with "
-         "an external data file", gc << q->cluster_bits);
-    return -EIO;
+    return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+                         "compressed cluster at guest offset 0x%" PRIx64
+                         " in an image with an external data file",
+                         gc << q->cluster_bits);
   }
   if (ent & ENTRY_COMPRESSED) {
     if (q->extl2 && m->bitmap) {
-      ERR (q, "compressed cluster at guest offset 0x%" PRIx64 " has a "
-           "subcluster bitmap", gc << q->cluster_bits);
-      return -EIO;
+      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+                           "compressed cluster at guest offset 0x%" PRIx64
+                           " has a subcluster bitmap", gc << q->cluster_bits);
     }
     m->kind = C_COMPRESSED;
     m->host = ent;
@@ -147,10 +145,10 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
     if ((ent & ENTRY_ZERO) || (alloc & zero) || (alloc && !off) ||
         (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
                  off >= q->file_size))) {
-      ERR (q, "extended L2 entry for guest offset 0x%" PRIx64 " is invalid "
-           "(0x%016" PRIx64 " 0x%016" PRIx64 ")", gc << q->cluster_bits,
-           ent, m->bitmap);
-      return -EIO;
+      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+                           "extended entry for guest offset 0x%" PRIx64
+                           " is invalid (0x%016" PRIx64 " 0x%016" PRIx64 ")",
+                           gc << q->cluster_bits, ent, m->bitmap);
     }
     m->kind = C_SUBCL;
     m->host = off;
@@ -162,10 +160,10 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
     /* External data file: host offset = guest offset, or unallocated. */
     bool alloc = off || (ent & ENTRY_COPIED);
     if (alloc && off != gc << q->cluster_bits) {
-      ERR (q, "L2 entry for guest offset 0x%" PRIx64 " points to 0x%" PRIx64
-           ": with an external data file they must be equal",
-           gc << q->cluster_bits, off);
-      return -EIO;
+      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+                           "entry for guest offset 0x%" PRIx64 " points to 0x%"
+                           PRIx64 ": with an external data file they must "
+                           "be equal", gc << q->cluster_bits, off);
     }
     m->copied = true;
     m->host = off;
@@ -174,12 +172,12 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
   }
   if (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
               off >= q->file_size)) {
-    ERR (q, "L2 entry for guest offset 0x%" PRIx64 " points to 0x%" PRIx64
-         " %s", gc << q->cluster_bits, off,
-         off % q->cluster_size ? "which is misaligned"
-         : off < q->cluster_size ? "inside the header"
-         : "beyond the end of the file");
-    return -EIO;
+    return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+                         "entry for guest offset 0x%" PRIx64 " points to 0x%"
+                         PRIx64 " %s", gc << q->cluster_bits, off,
+                         off % q->cluster_size ? "which is misaligned"
+                         : off < q->cluster_size ? "inside the header"
+                         : "beyond the end of the file");
   }
   if (zero) {
     m->kind = off ? C_ZERO_ALLOC : C_ZERO;

@@ -102,9 +102,9 @@ compressed_read (struct qcow *q, uint64_t ent, uint8_t *out)
   uint64_t off, len;
   compressed_extent (q, ent, &off, &len);
   if (off < q->cluster_size || off >= q->file_size) {
-    ERR (q, "compressed cluster at 0x%" PRIx64 " lies %s", off,
-         off < q->cluster_size ? "inside the header" : "beyond the end of the file");
-    return -EIO;
+    return qcow_corrupt (q, "L2 table", UINT64_MAX, "compressed cluster at 0x%"
+                         PRIx64 " lies %s", off, off < q->cluster_size
+                         ? "inside the header" : "beyond the end of the file");
   }
   if (len > q->file_size - off)
     len = q->file_size - off;   /* the last one may end early */
@@ -117,9 +117,9 @@ compressed_read (struct qcow *q, uint64_t ent, uint8_t *out)
       ? inflate_zstd (in, len, out, q->cluster_size)
       : inflate_zlib (in, len, out, q->cluster_size);
     if (z < 0) {
-      ERR (q, "compressed cluster at 0x%" PRIx64 " is corrupt (%s)", off,
-           q->h.compression_type == COMPRESSION_ZSTD ? "zstd" : "zlib");
-      r = -EIO;
+      r = qcow_corrupt (q, "compressed cluster", off, "%s data does not "
+                        "decompress to a cluster", q->h.compression_type ==
+                        COMPRESSION_ZSTD ? "zstd" : "zlib");
     }
   }
   free (in);

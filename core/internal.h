@@ -2,6 +2,7 @@
 #ifndef QCOW_INTERNAL_H
 #define QCOW_INTERNAL_H
 
+#include <assert.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -24,6 +25,8 @@ static inline uint64_t div_round_up (uint64_t a, uint64_t b) { return a / b + (a
 /* The Jth entry of an L2 table (extended entries are 16 bytes: the
  * descriptor, then the subcluster bitmap). */
 #define L2E(q, table, j) ((uint8_t *) (table) + ((uint64_t) (j) << (q)->l2_esh))
+/* The byte offset of guest cluster GC's entry inside its L2 table. */
+#define L2E_OFF(q, gc) (((gc) & ((1ULL << (q)->l2_bits) - 1)) << (q)->l2_esh)
 
 /* ---- cache.c: metadata table cache (L2 tables, refcount blocks) ---- */
 struct centry {
@@ -35,6 +38,7 @@ struct centry {
 };
 struct cache {
   const char *what;        /* "L2 table" / "refcount block" */
+  int (*writeback) (struct qcow *q);   /* every dirty table, in order */
   struct centry **slot;    /* by key */
   uint64_t nslots;
   size_t count, max;
@@ -77,6 +81,30 @@ struct snapshot {
   bool has_disk_size;
 };
 
+/* One open image, shared by every thread that uses it.
+ *
+ * Locks, always taken in this order (a thread holding one may take only
+ * those after it):
+ *
+ *   compact_lock   one compaction at a time (qcow_compact, the whole run)
+ *   flush_lock     one flush_all at a time
+ *   io_lock        rwlock: shared by every request that does data I/O
+ *                  from a mapping it looked up (read, write, zero, trim);
+ *                  exclusive for whatever frees host clusters for reuse
+ *                  or moves them (applying deferred frees, compaction's
+ *                  switch, resize, check), so nothing in flight sees its
+ *                  clusters reused
+ *   lock           mutex: the metadata (header copy, L1, refcount table,
+ *                  caches, allocator, in-flight list, deferred frees,
+ *                  background thread state); never held across data I/O
+ *                  on the request path; its conditions are alloc_cond
+ *                  (an allocation finished), punch_cond (punched space
+ *                  given back) and bg_cond (work for the thread)
+ *
+ * The fields above "lock" are set at open and constant after (but
+ * cfg.locking, dropped under lock where a file cannot be locked); data_unsynced
+ * and file_size are updated atomically; stats are counted with atomics or
+ * under lock. */
 struct qcow {
   char *filename;          /* the image's name in messages (img->name) */
   struct qcow_backend *img;/* the storage holding the image */
@@ -115,7 +143,7 @@ struct qcow {
   unsigned rb_bits;        /* log2 entries per refcount block */
   uint64_t refcount_max;
 
-  pthread_mutex_t lock;    /* guards everything below */
+  pthread_mutex_t lock;    /* guards everything below (see above) */
   pthread_cond_t alloc_cond;
   pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
   pthread_mutex_t compact_lock;  /* one compaction at a time */
@@ -166,6 +194,10 @@ void qcow_errorf (const char *file, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 void qcow_debugf (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
 #define ERR(q, ...) qcow_errorf ((q)->filename, __VA_ARGS__)
+/* Damaged metadata in TABLE ("L2 table", ...) at host OFFSET (UINT64_MAX:
+ * none): reported as such; returns -EIO for the request to fail with. */
+int qcow_corrupt (struct qcow *q, const char *table, uint64_t offset,
+                  const char *fmt, ...) __attribute__ ((format (printf, 4, 5)));
 
 /* V (N elements of SIZE bytes used, *CAP allocated) with room for one
  * more: the same array, or a bigger one (the first holds FIRST), or NULL
@@ -216,7 +248,8 @@ size_t header_build (uint8_t *buf, size_t bufsize, const struct qcow_create_opts
                      uint64_t l1_offset, uint32_t l1_size);
 
 /* ---- cache.c ---- */
-void cache_init (struct cache *c, const char *what, size_t max);
+void cache_init (struct cache *c, const char *what, size_t max,
+                 int (*writeback) (struct qcow *q));
 int cache_resize_slots (struct cache *c, uint64_t nslots);
 void cache_free (struct cache *c);
 /* Find KEY (loading it from OFFSET on a miss, or zero-filling if FRESH). */

@@ -1,7 +1,11 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* msg.c - the library's messages: one error handler and one debug handler
  * for the whole process (qcow_set_error_handler, qcow_set_debug_handler).
  * Every error the core reports goes through qcow_errorf as one line,
- * "FILE: what is wrong"; nothing else in the core prints. */
+ * "FILE: what is wrong"; nothing else in the core prints.  Damaged
+ * metadata found while serving is reported by qcow_corrupt, always the
+ * same way (the file, the table, the offset), and fails the request with
+ * EIO; what can never happen whatever the image holds is an assert(). */
 #include <stdarg.h>
 #include <stdio.h>
 
@@ -36,4 +40,21 @@ qcow_debugf (const char *fmt, ...)
   vsnprintf (msg, sizeof msg, fmt, ap);
   va_end (ap);
   debug_fn (msg);
+}
+
+int
+qcow_corrupt (struct qcow *q, const char *table, uint64_t offset,
+              const char *fmt, ...)
+{
+  char detail[512];
+  va_list ap;
+  va_start (ap, fmt);
+  vsnprintf (detail, sizeof detail, fmt, ap);
+  va_end (ap);
+  if (offset == UINT64_MAX)
+    qcow_errorf (q->filename, "corrupt image: %s: %s", table, detail);
+  else
+    qcow_errorf (q->filename, "corrupt image: %s at 0x%" PRIx64 ": %s",
+                 table, offset, detail);
+  return -EIO;
 }

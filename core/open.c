@@ -185,8 +185,9 @@ connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
   if (l2max > q->h.l1_size) l2max = q->h.l1_size;
   uint64_t rbmax = budget / 4 / q->cluster_size;
   if (rbmax > q->rct_entries) rbmax = q->rct_entries;
-  cache_init (&q->l2_cache, "L2 table", l2max < 16 ? 16 : l2max);
-  cache_init (&q->refblock_cache, "refcount block", rbmax < 16 ? 16 : rbmax);
+  cache_init (&q->l2_cache, "L2 table", l2max < 16 ? 16 : l2max, metadata_sync);
+  cache_init (&q->refblock_cache, "refcount block", rbmax < 16 ? 16 : rbmax,
+              metadata_sync);
   if ((r = cache_resize_slots (&q->l2_cache, q->h.l1_size)) < 0 ||
       (r = cache_resize_slots (&q->refblock_cache, q->rct_entries)) < 0)
     goto fail;

@@ -16,14 +16,15 @@ rc_block (struct qcow *q, uint64_t idx, struct centry **ep)
   if (!e) {
     uint64_t off = q->rct[idx];
     if (off & ~RCT_OFFSET_MASK || off % q->cluster_size != 0) {
-      ERR (q, "refcount table entry %" PRIu64 " (0x%" PRIx64 ") is misaligned",
-           idx, off);
-      return -EIO;
+      return qcow_corrupt (q, "refcount table", q->h.refcount_table_offset + idx * 8,
+                           "entry %" PRIu64 " (0x%" PRIx64 ") is misaligned",
+                           idx, off);
     }
     if (off < q->cluster_size || off >= q->file_size) {
-      ERR (q, "refcount block %" PRIu64 " at 0x%" PRIx64 " lies %s", idx, off,
-           off < q->cluster_size ? "inside the header" : "beyond the end of the file");
-      return -EIO;
+      return qcow_corrupt (q, "refcount table", q->h.refcount_table_offset + idx * 8,
+                           "refcount block %" PRIu64 " at 0x%" PRIx64 " lies %s",
+                           idx, off, off < q->cluster_size ? "inside the header"
+                           : "beyond the end of the file");
     }
   }
   return cache_get (q, &q->refblock_cache, idx, q->rct[idx], false, ep);
@@ -49,10 +50,7 @@ rc_set (struct qcow *q, uint64_t cluster, uint64_t rc)
   int r = rc_block (q, cluster >> q->rb_bits, &e);
   if (r < 0)
     return r;
-  if (!e) {
-    ERR (q, "internal error: no refcount block for cluster %" PRIu64, cluster);
-    return -EIO;
-  }
+  assert (e);                   /* callers make sure the block exists */
   uint64_t mask = (1ULL << q->rb_bits) - 1;
   fmt_refcount_set (q->h.refcount_order, e->data, cluster & mask, rc);
   cache_mark_dirty (&q->refblock_cache, e);
@@ -117,10 +115,7 @@ grow_rct (struct qcow *q, uint64_t need)
   int r;
 
   for (int iter = 0;; iter++) {
-    if (iter > 64) {
-      ERR (q, "internal error: refcount table growth does not converge");
-      return -EIO;
-    }
+    assert (iter <= 64);        /* T and B only grow, bounded */
     entries = div_round_up (entries, epc) * epc;
     T = entries / epc;
     if (entries * 8 > QCOW_MAX_RCT_BYTES) {
@@ -328,10 +323,7 @@ rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first)
   uint64_t start = run_start (q), B = 0, end;
   int r;
   for (int iter = 0;; iter++) {
-    if (iter > 64) {
-      ERR (q, "internal error: contiguous allocation does not converge");
-      return -EIO;
-    }
+    assert (iter <= 64);        /* B only grows, bounded */
     uint64_t used = 0;
     if ((r = first_used (q, start, n + B, &used)) < 0)
       return r;
@@ -387,9 +379,9 @@ rc_free (struct qcow *q, uint64_t cluster, uint64_t n)
     if (r < 0)
       return r;
     if (rc == 0) {
-      ERR (q, "refcount of cluster 0x%" PRIx64 " would drop below zero",
-           c << q->cluster_bits);
-      return -EIO;
+      return qcow_corrupt (q, "refcount block", UINT64_MAX, "refcount of "
+                           "cluster 0x%" PRIx64 " would drop below zero",
+                           c << q->cluster_bits);
     }
     if ((r = rc_set (q, c, rc - 1)) < 0)
       return r;

@@ -263,10 +263,8 @@ plan_round (struct qcow_backend *b, struct fixes *plan, char *why,
      * then the COPIED flags follow the final counts. */
     for (size_t i = 0; i < plan->n; i++) {
       uint64_t off = plan->v[i].off, c = off >> w.cluster_bits;
-      if (!in_active_l1 (&w.h, off) && !in_rct (&w.h, off) &&
-          !(c < w.nclusters && (w.active_l2[c / 8] & (1u << (c % 8)))))
-        refuse (&w, "internal error: the fix at 0x%" PRIx64 " lies outside "
-                "the active tables", off);
+      assert (in_active_l1 (&w.h, off) || in_rct (&w.h, off) ||
+              (c < w.nclusters && (w.active_l2[c / 8] & (1u << (c % 8)))));
     }
     if (!w.refuse)
       copied_pass (&w);
@@ -388,14 +386,18 @@ qcow_repair_file (const char *path, struct qcow_repair_result *res)
     goto refused;
   uint64_t incompat;
   uint8_t be[8];
-  if (b->ops.pread (b->opaque, be, 8, 72) < 0) {
+  uint64_t size = 0;
+  /* (The backend reads zeros past the end of the file: an entry there
+   * would be "fixed" by growing the file.) */
+  if (b->ops.get_size (b->opaque, &size) < 0 || size < HDR_INCOMPAT + 8 ||
+      b->ops.pread (b->opaque, be, 8, HDR_INCOMPAT) < 0) {
     r = -EIO;
     snprintf (why, sizeof why, "cannot read the header");
     goto refused;
   }
   incompat = rd64 (be);
   if (res->before.marked_corrupt) {
-    struct fixes hdr = { &(struct fix) { 72, incompat & ~QCOW_INCOMPAT_CORRUPT,
+    struct fixes hdr = { &(struct fix) { HDR_INCOMPAT, incompat & ~QCOW_INCOMPAT_CORRUPT,
                                          FIX_AUX, 0 }, 1, 1 };
     if ((r = fixes_merge (&plan, &hdr)) < 0) {
       snprintf (why, sizeof why, "out of memory");
@@ -409,7 +411,8 @@ qcow_repair_file (const char *path, struct qcow_repair_result *res)
     goto refused;
   }
   for (size_t i = 0; i < plan.n; i++) {
-    if (b->ops.pread (b->opaque, be, 8, plan.v[i].off) < 0) {
+    if (plan.v[i].off > size - 8 ||
+        b->ops.pread (b->opaque, be, 8, plan.v[i].off) < 0) {
       r = -EIO;
       snprintf (why, sizeof why, "cannot read the entry at 0x%" PRIx64,
                 plan.v[i].off);

@@ -50,7 +50,7 @@ snapshots_load (struct qcow *q)
   r = -EINVAL;
   for (uint32_t i = 0; i < h->nb_snapshots; i++) {
     struct fmt_snapshot e;
-    int d = fmt_snapshot_decode (buf + off, avail - off, &e);
+    int d = fmt_snapshot_decode (buf + off, off < avail ? avail - off : 0, &e);
     if (d == -2) {
       ERR (q, "snapshot %" PRIu32 " has too much extra data (%" PRIu32 " bytes)",
            i, e.extra_len);
