@@ -127,9 +127,27 @@ in_rct (const struct qcow_header *h, uint64_t off)
 /* ---- check.c ---- */
 void fail (struct qcow_check_result *res, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
+void report (struct walk *w, struct qcow_check_problem *p, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+/* A simple problem about one entry at SRC referring to DST. */
+#define PROBLEM(w, kind_, what_, src_, dst_, ...) do {                  \
+    struct qcow_check_problem p_ = {                                    \
+      .kind = (kind_), .corruption = true, .what = (what_),             \
+      .src = (src_), .dst = (dst_) };                                   \
+    report ((w), &p_, __VA_ARGS__);                                     \
+  } while (0)
+int rd (struct walk *w, void *buf, uint64_t len, uint64_t off);
+int ref_range (struct walk *w, uint64_t off, uint64_t len, enum ref k,
+               uint64_t src, bool excl);
+void walk_l1 (struct walk *w, uint64_t l1off, uint32_t l1_size, bool active);
 int walk_image (struct walk *w);
 void copied_pass (struct walk *w);
 void walk_free (struct walk *w);
+
+/* ---- check-meta.c ---- */
+int parse_header (struct walk *w);
+void walk_snapshots (struct walk *w);
+void walk_bitmaps (struct walk *w);
 
 /* ---- repair.c: planning, called by the walk when w->plan ---- */
 void refuse (struct walk *w, const char *fmt, ...)
