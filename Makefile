@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # nbdkit-qcow-plugin: one plain GNU make file.
 #   make            build ./qcow.so, ./qcow-filter.so, ./qcow-tool and the
 #                   man pages

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """NBD clients for bench/run-space (libnbd).
 
   client.py zero URI [--no-hole] [--request SIZE]

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* bench/floor.c - an nbdkit plugin that does no work, for the benchmark's
  * "nbdkit floor" column: what nbdkit 1.32 itself costs for a request.
  *

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Make the contents of bench/run's images.  Most subcommands print
 qemu-io commands (feed them to `qemu-io -t writeback -f qcow2 IMG` on
 stdin); the patterns are seeded, so the same SEED gives the same image.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # bench/lib.sh - shared by the bench/run-* section scripts (sourced, not run).
 #
 # Sets: top bench results runs so plugin_args qemu_opts data sockdir out;

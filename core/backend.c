@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* backend.c - the storage under an image: the backend object, and the
  * local file backend.
  *

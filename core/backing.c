@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* backing.c - backing files: a qcow2 or raw image that shows through
  * wherever the top image is unallocated, through chains of any depth up
  * to a fixed limit.  Backing files are opened read-only and never

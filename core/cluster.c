@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* cluster.c - guest offset -> host offset: L1/L2 lookup and update, and
  * the ordered write-back of metadata (metadata_sync). */
 #include <stdlib.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* compact.c - move clusters from the end of the file into free space
  * nearer the start, rewrite the references, and truncate the file.
  *

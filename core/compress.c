@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* compress.c - compressed clusters (zlib deflate and zstd): descriptors,
  * reading, and the host range a compressed cluster occupies. */
 #include <stdlib.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* create.c - defaults and creating a new image file.
  *
  * qcow_create writes a complete, empty image (header, refcount structure,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* discard.c - giving space back: discard (trim) and write-zeroes. */
 #include <stdlib.h>
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* flush.c - flush, and the background thread (hole punching, compaction).
  *
  * flush_all makes every completed write durable: data first (outside the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* header.c - parse and validate the header and its extensions; write
  * header fields; build the header of a new image. */
 #include <assert.h>

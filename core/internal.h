@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* internal.h - shared by the core's files; not part of the public API. */
 #ifndef QCOW_INTERNAL_H
 #define QCOW_INTERNAL_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* io.c - the core's I/O on its backends: every read, write, flush, punch
  * and truncate of an image, its data file and its raw backing file goes
  * through here, so that fault injection (the OCaml library's Debug

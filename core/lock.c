@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* lock.c - image locking compatible with QEMU (see lock.h for the layout). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE             /* F_OFD_SETLK, F_OFD_GETLK */

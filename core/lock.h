@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* lock.h - image locking compatible with QEMU (internal to the core).
  *
  * QEMU's file driver (block/file-posix.c) advertises, with open file

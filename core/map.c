@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* map.c - block status: qcow_map, seek_mapped/unmapped, allocated bytes.
  *
  * Runs of clusters that read alike are merged; an L2 table that is not

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* open.c - opening and closing an image: connect (with its backing chain,
  * external data file and snapshots), the image locks, the first change
  * (begin_modify), disconnect, and the queries on an open image.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* qcow.h - the qcow2 core library: the whole public interface.
  *
  * No nbdkit dependency.  Thread-safe: one struct qcow may be used by any

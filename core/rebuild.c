@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* rebuild.c - rebuilding the refcount structure from the references.
  *
  * rc_rebuild counts every reference (header, L1 and L2 tables, data and

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* refcount.c - refcount read/update, cluster allocation, refcount table
  * growth, deferred frees and rebuilding the refcount structure. */
 #include <stdlib.h>

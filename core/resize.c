@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* resize.c - changing the virtual size (qcow_resize).
  *
  * Growing may need a bigger L1 table, written in full to new clusters,

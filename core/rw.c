@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* rw.c - the read and write path.
  *
  * A request looks up its clusters under q->lock, copies the mapping and

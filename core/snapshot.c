@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* snapshot.c - internal snapshots: read and validate the snapshot table.
  * The active layer reads and writes correctly next to them: clusters and
  * L2 tables they share are copied before being written (cluster.c,

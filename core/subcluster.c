@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* subcluster.c - extended L2 entries (incompatible feature bit 4): each
  * cluster is split into 32 subclusters, each allocated, reading as
  * zeros, or unallocated (backing file or zeros) on its own.  The entry's

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* fuzz/common.h - shared by the fuzz targets (fuzz/fuzz-*.c).
  *
  * Each target defines LLVMFuzzerTestOneInput.  Built by `make fuzz` with

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* fuzz-check.c - fuzz the integrity check and the repair with hostile
  * images (the same corpus as fuzz-image: the input is the image file).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* fuzz-image.c - fuzz the core with hostile images and the requests made
  * on them.
  *

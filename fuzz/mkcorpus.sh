@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # fuzz/mkcorpus.sh - (re)create the seed images in fuzz/corpus/.
 #
 # The seeds are committed; this script documents how they were made and

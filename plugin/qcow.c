@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-qcow-plugin: the nbdkit shim.  It only translates: parameters to
  * the core's config, callbacks to core calls, -errno to nbdkit errors. */
 #include <errno.h>

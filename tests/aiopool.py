@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # aiopool.py - asynchronous NBD workloads over several connections, shared
 # by random-model.py and crash-client.py (not a test by itself).
 #

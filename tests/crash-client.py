@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # crash-client.py - the client side of tests/test-crash.sh (not a test by
 # itself).
 #

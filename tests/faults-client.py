@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """faults-client.py - fault injection sweeps, run by tests/test-faults.sh.
 
   faults-client.py serve OP [OP...]     faults in the plugin (nbdkit)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # tests/functions.sh - shared helpers for the integration tests.
 #
 # Source it at the top of every shell test:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* lockprobe - hold an image the way the core locks it, to try QEMU's tools
  * against it.
  *

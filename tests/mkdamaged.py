@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # mkdamaged.py - damage a qcow2 image in one precise way, for the check
 # and repair tests (tests/test-check.sh).
 #

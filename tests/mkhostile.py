@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # mkhostile.py - damage a qcow2 image in place, for tests/test-hostile.sh.
 #
 # Usage: mkhostile.py FILE COMMAND ARGS... [COMMAND ARGS...]...

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # random-model.py - a seeded random workload against an in-memory model.
 # Run by tests/test-random-model.sh and tests/test-crash.sh (inside
 # nbdkit --run); not a test by itself.

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # realworld.py - helpers for tests/test-realworld.sh.
 #
 #   realworld.py data FILE SIZE SEED

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # space-client.py - the client side of tests/test-trim-zero.sh and
 # tests/test-compact.sh (not a test by itself).  Every subcommand talks
 # to an NBD server on a Unix socket (except "used" and "checkmap", which

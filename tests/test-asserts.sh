@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-asserts.sh - the plugin's integrity options: check-on-connect=true
 # refuses a corrupt image at start-up and serves a leaky one;
 # runtime-asserts=true checks the whole image after every flush while a

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow-tool check and repair, judged by qemu-img check.
 #
 # A set of images (clean ones made by qemu-img, qemu-io and the plugin:

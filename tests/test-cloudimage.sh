@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-cloudimage.sh - a cloud image as they are shipped: a GPT disk with
 # an ext4 partition, converted by `qemu-img convert -c` to a compressed
 # qcow2, served by the plugin and used by a Linux guest (libguestfs).

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-compact.sh - compaction: clusters move from the end of the file into
 # free space and the file is truncated (the client side is
 # tests/space-client.py, and tests/random-model.py for the workload):

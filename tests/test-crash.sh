@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-crash.sh - crash safety: kill -9 nbdkit while it writes.
 #
 # Each round: the plugin creates an image (512 B to 64 KiB clusters, so

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # create=true|force: images the plugin creates are what QEMU expects.
 #
 #   - defaults: qcow2 v3 (compat 1.1), 64 KiB clusters, 16 bit refcounts,

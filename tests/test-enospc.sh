@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-enospc.sh - a real full file system under the image.
 #
 # A 24 MiB tmpfs holds a 4 MiB filler file and an image with a 64 MiB

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-faults.sh - fault injection at every I/O step (QCOW_DEBUG_FAULT).
 #
 # For each kind of I/O (write, sync, read, punch; truncate only happens

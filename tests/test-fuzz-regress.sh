@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-fuzz-regress.sh - the fuzz targets' inputs as regression tests.
 #
 # Builds every fuzz target (fuzz/fuzz-*.c) as an ordinary program

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-guestfish.sh - a real guest file system on the plugin, through
 # libguestfs (QEMU's NBD client, the Linux kernel, ext4):
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-hostile.sh - hostile and broken images.
 #
 # Small valid images made by qemu-img/qemu-io are damaged one field at a

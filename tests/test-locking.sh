@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Image locking, judged by QEMU's own tools: the plugin and QEMU 7.2 must
 # see each other exactly as two QEMU processes would (core/lock.h).
 #

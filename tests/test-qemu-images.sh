@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Images written by QEMU, in every variant the plugin supports, read back
 # through the plugin exactly as qemu-img reads them.
 #

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-random-model.sh - a seeded random workload (tests/random-model.py:
 # 4 connections, asynchronous reads, writes, FUA writes, flushes, zeroes
 # and trims with several in flight, 1 byte to 1 MiB, aligned and not) on

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # nbdkit -r never modifies the image, whatever state it is in, and
 # refuses every write-type request.
 #

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-realworld.sh - images as QEMU writes them in the field, served by
 # the plugin.
 #

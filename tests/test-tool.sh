@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow-tool create / info / resize, judged by qemu-img.
 #
 #   - create with every option: qemu-img info agrees on version, virtual

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-trim-zero.sh - trim, write-zeroes, block status and free space
 # reuse (the client side is tests/space-client.py):
 #

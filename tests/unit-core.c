@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* unit-core.c - unit tests of the qcow core library (no server).
  *
  * Uses only core/qcow.h.  Every image written here is judged by QEMU:

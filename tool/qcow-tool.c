@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* qcow-tool - inspect, create, resize, check and repair qcow2 images.
  *
  * Uses only the public core API (core/qcow.h).  Each
