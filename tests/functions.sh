@@ -10,6 +10,7 @@
 #   $QCOW_SO      the plugin, "$QCOW_BUILD/qcow.so"
 #   $QCOW_TOOL    the tool, "$QCOW_BUILD/qcow-tool"
 #   $TESTS_DIR    this directory (the test sources)
+#   $QCOW_FILTER  the filter, "$QCOW_BUILD/qcow-filter.so"
 #   $TMPD         a private temporary directory, removed on exit
 #   SANITIZE=1    nbdkit (and only nbdkit) runs with libasan + libubsan
 #                 preloaded, so the sanitized plugin can be loaded
@@ -32,6 +33,7 @@ QCOW_BUILD=$(cd "$QCOW_BUILD" && pwd)
 export QCOW_BUILD TESTS_DIR
 export QCOW_SO="$QCOW_BUILD/qcow.so"
 export QCOW_TOOL="$QCOW_BUILD/qcow-tool"
+export QCOW_FILTER="$QCOW_BUILD/qcow-filter.so"
 
 # die MSG...: print a failure message naming the test and exit 1.
 die ()
@@ -47,36 +49,32 @@ skip ()
     exit 77
 }
 
-# require CMD...: skip the test if a command is missing.
+# requires CMD [ARGS...]: run CMD ARGS (output discarded) and skip the
+# test if that fails, as nbdkit's tests do: a command that is installed
+# but does not work is as good as missing.  Example:
+#   requires qemu-img --version
+requires ()
+{
+    "$@" </dev/null >/dev/null 2>&1 || skip "$* failed"
+}
+
+# require CMD...: requires CMD --version, for each CMD.
 require ()
 {
     local c
     for c in "$@"; do
-        command -v "$c" >/dev/null 2>&1 || skip "$c is not installed"
+        requires "$c" --version
     done
 }
 
 # ---------------------------------------------------------------------------
-# Clean-up: commands run (last registered first) when the test exits.
-# Tests must not set their own EXIT trap; use on_exit.  QCOW_KEEP_TMP=1
-# keeps $TMPD of a failed test for inspection.
+# Clean-up: commands run, in the order they were registered, when the
+# test exits.  Tests must not set their own EXIT trap; use on_exit.
+# QCOW_KEEP_TMP=1 keeps $TMPD of a failed test for inspection.
 
 _qcow_cleanups=()
 
 # on_exit CMD...: evaluate CMD at exit; $status is the test's exit status.
-# use_seed: SEED from the environment, or a random one; printed, so that
-# the run can be repeated with SEED=N.  fail MESSAGE: die naming it.
-use_seed ()
-{
-    SEED=${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
-    echo "seed: $SEED (rerun with SEED=$SEED)"
-}
-
-fail ()
-{
-    die "$* (seed ${SEED:-none})"
-}
-
 on_exit ()
 {
     _qcow_cleanups+=("$*")
@@ -87,7 +85,7 @@ _qcow_run_cleanups ()
     local status=$? i
     set +e
     trap - ERR
-    for (( i = ${#_qcow_cleanups[@]} - 1; i >= 0; i-- )); do
+    for (( i = 0; i < ${#_qcow_cleanups[@]}; i++ )); do
         eval "${_qcow_cleanups[i]}"
     done
     if [ -n "$TMPD" ] && [ -d "$TMPD" ]; then
@@ -102,6 +100,20 @@ _qcow_run_cleanups ()
 trap _qcow_run_cleanups EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# use_seed: SEED from the environment, or a random one; printed, so that
+# the run can be repeated with SEED=N.
+use_seed ()
+{
+    SEED=${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
+    echo "seed: $SEED (rerun with SEED=$SEED)"
+}
+
+# fail MESSAGE: die naming the seed.
+fail ()
+{
+    die "$* (seed ${SEED:-none})"
+}
 
 if [ -w "$TESTS_DIR" ]; then
     TMPD=$(mktemp -d "$TESTS_DIR/tmp.XXXXXX")
@@ -189,20 +201,20 @@ stop_server ()
     rm -f "$pidfile"
 }
 
-# kill_pid PID: SIGTERM, wait up to 60 s, then SIGKILL.  The process need
-# not be a child of this shell.
-# start_child NBDKIT-ARGS...: nbdkit in the foreground as a child of this
-# shell on $sock (so that the test can wait for its exit status, or kill
-# it by PID for a crash test), killed at exit if still running; its
-# messages go to $SERVER_LOG if set (truncated), else to our stderr (a
-# daemonized nbdkit would send them to /dev/null).  Waits until it serves.
-# Sets $SERVER_PID.
+# start_child SOCK LOG NBDKIT-ARGS...: nbdkit in the foreground as a
+# child of this shell on the Unix socket SOCK (so that the test can wait
+# for its exit status, or kill it by PID for a crash test), killed at
+# exit if still running; its messages go to the file LOG (truncated), or
+# to our stderr if LOG is "" (a daemonized nbdkit would send them to
+# /dev/null).  Waits until it serves.  Sets $SERVER_PID.
 start_child ()
 {
-    local i
+    local sock=$1 log=$2 i
+    [[ $sock == /* ]] || die "start_child: the first argument is the socket path"
+    shift 2
     rm -f "$sock" "$sock.pid"
-    if [ -n "${SERVER_LOG:-}" ]; then
-        nbdkit -f -U "$sock" -P "$sock.pid" "$@" 2>"$SERVER_LOG" &
+    if [ -n "$log" ]; then
+        nbdkit -f -U "$sock" -P "$sock.pid" "$@" 2>"$log" &
     else
         nbdkit -f -U "$sock" -P "$sock.pid" "$@" &
     fi
@@ -213,10 +225,11 @@ start_child ()
         kill -0 "$SERVER_PID" 2>/dev/null || break
         sleep 0.1
     done
-    if declare -F fail >/dev/null; then fail "nbdkit did not start: $*"; fi
-    die "nbdkit did not start: $*"
+    fail "nbdkit did not start: $*"
 }
 
+# kill_pid PID: SIGTERM, wait up to 60 s, then SIGKILL.  The process need
+# not be a child of this shell.
 kill_pid ()
 {
     local pid=$1 i

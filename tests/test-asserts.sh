@@ -6,7 +6,9 @@
 # random multi-connection workload runs (and the workload still matches
 # its model and qemu-img check afterwards).
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io nbdkit
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
 
 make_image () {
     qemu-img create -q -f qcow2 -o cluster_size=4096 "$1" 16M

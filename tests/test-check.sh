@@ -19,7 +19,10 @@
 # The results are printed as a table.
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io nbdkit nbdcopy
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
+requires nbdcopy --version
 [ -x "$QCOW_TOOL" ] || die "$QCOW_TOOL not found: run make"
 DAMAGE="$TESTS_DIR/mkdamaged.py"
 cd "$TMPD"

@@ -26,7 +26,11 @@
 
 . "$(dirname "$0")/functions.sh"
 export PATH=$PATH:/usr/sbin:/sbin
-require guestfish qemu-img nbdkit mkfs.ext4 sfdisk
+requires guestfish --version
+requires qemu-img --version
+requires nbdkit --version
+requires mkfs.ext4 -V
+requires sfdisk --version
 
 export LIBGUESTFS_BACKEND_SETTINGS=force_tcg
 

@@ -22,7 +22,9 @@
 #   QCOW_COMPACT_ROUNDS=N   kill -9 rounds in d) (default 6)
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io nbdkit
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
 
 use_seed
 rounds=${QCOW_COMPACT_ROUNDS:-6}
@@ -185,7 +187,7 @@ load ()
     local img="$TMPD/load.qcow2" log="$TMPD/server.log" status=0
     local seed=$((SEED + cluster))
     echo "== under load: cluster $cluster, $size, ${seconds}s, $conns connections, compact-after-unmaps=$threshold (seed $seed) (${SECONDS}s)"
-    start_child -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size="$size" \
+    start_child "$sock" "$SERVER_LOG" -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size="$size" \
         cluster-size="$cluster" compact-after-unmaps="$threshold"
     timeout 60 $py "$TESTS_DIR/random-model.py" "$sock" --seed "$seed" \
         --cluster "$cluster" --seconds "$seconds" --out "$TMPD/model" \
@@ -229,7 +231,7 @@ for (( round = 1; round <= rounds; round++ )); do
     echo "== kill -9 round $round: seed $seed, cluster $cluster, ${mode#--}, kill within ${kill_after}s (${SECONDS}s)"
     rm -f "$img"
     # Lazy refcounts off: refcounts on disk must be right at every moment.
-    start_child -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size=16M cluster-size=$cluster \
+    start_child "$sock" "$SERVER_LOG" -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size=16M cluster-size=$cluster \
         lazy-refcounts=false compact-after-unmaps=1M
     extra=()
     [ $mode = --quiet ] && extra=(--quiet)

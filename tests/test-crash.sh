@@ -24,7 +24,8 @@
 #   QCOW_CRASH_ROUNDS=N       number of rounds (default 8)
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img nbdkit
+requires qemu-img --version
+requires nbdkit --version
 
 use_seed
 rounds=${QCOW_CRASH_ROUNDS:-8}
@@ -93,7 +94,7 @@ for (( round = 1; round <= rounds; round++ )); do
     echo "== round $round: seed $seed, cluster $cluster, lazy refcounts $lazy, kill after ${kill_after}s"
 
     rm -f "$img" "$TMPD"/*.raw
-    start_child "$QCOW_SO" file="$img" create=true size=64M \
+    start_child "$sock" "" "$QCOW_SO" file="$img" create=true size=64M \
         cluster-size="$cluster" lazy-refcounts="$lazy"
     $py "$client" run "$sock" "$SERVER_PID" "$state" --seed "$seed" \
         --kill-after "$kill_after" --cluster "$cluster" --image "$img" ||

@@ -13,7 +13,8 @@
 # QCOW_SEED=N reproduces a run.
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img nbdsh
+requires qemu-img --version
+requires nbdsh --version
 
 seed=${QCOW_SEED:-$(( $(date +%s) % 1000000 ))}
 echo "seed=$seed (set QCOW_SEED=$seed to reproduce)"

@@ -10,7 +10,8 @@
 # tests/faults-client.py (enospc).
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img nbdkit
+requires qemu-img --version
+requires nbdkit --version
 
 mnt=$TMPD/mnt
 mkdir "$mnt"

@@ -18,7 +18,8 @@
 #   QCOW_FAULT_DENSE=N        every N up to this (default 30), then steps
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img nbdkit
+requires qemu-img --version
+requires nbdkit --version
 
 # Images on a tmpfs when there is one: the sweep runs hundreds of
 # scenarios, and fdatasync costs nothing there.

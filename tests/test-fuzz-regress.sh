@@ -10,7 +10,7 @@
 # report or hang fails the test.
 
 . "$(dirname "$0")/functions.sh"
-require gcc
+requires gcc --version
 
 top=$(dirname "$TESTS_DIR")
 lib="$QCOW_BUILD/libqcowcore.a"

@@ -17,7 +17,9 @@
 # =force_tcg), so each takes 10-30 s.
 
 . "$(dirname "$0")/functions.sh"
-require guestfish qemu-img nbdkit
+requires guestfish --version
+requires qemu-img --version
+requires nbdkit --version
 
 export LIBGUESTFS_BACKEND_SETTINGS=force_tcg
 

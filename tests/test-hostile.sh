@@ -16,7 +16,12 @@
 # its name; the test fails if any case misbehaves.
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io nbdkit nbdsh sha256sum timeout
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
+requires nbdsh --version
+requires sha256sum --version
+requires timeout --version
 
 mk () { /usr/bin/python3 "$TESTS_DIR/mkhostile.py" "$@"; }
 

@@ -22,7 +22,11 @@
 # Skipped (77) until the plugin lists "locking" in qcow_features.
 
 . "$(dirname "$0")/functions.sh" || exit 1
-require qemu-img qemu-io qemu-nbd nbdsh nbdinfo
+requires qemu-img --version
+requires qemu-io --version
+requires qemu-nbd --version
+requires nbdsh --version
+requires nbdinfo --version
 
 nbdkit "$QCOW_SO" --dump-plugin | grep -q '^qcow_features=.*\blocking\b' ||
     skip "the plugin does not support locking yet"

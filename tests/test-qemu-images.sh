@@ -15,7 +15,10 @@
 # QCOW_SEED=N reproduces a run.
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io nbdcopy nbdsh
+requires qemu-img --version
+requires qemu-io --version
+requires nbdcopy --version
+requires nbdsh --version
 
 seed=${QCOW_SEED:-$(( $(date +%s) % 1000000 ))}
 echo "seed=$seed (set QCOW_SEED=$seed to reproduce)"

@@ -13,7 +13,9 @@
 #   QCOW_MODEL_SECONDS=S   workload time per variant (default 8)
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io nbdkit
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
 
 use_seed
 seconds=${QCOW_MODEL_SECONDS:-8}

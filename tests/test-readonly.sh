@@ -14,7 +14,10 @@
 #   - a file without write permission, served with -r.
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io nbdcopy nbdsh
+requires qemu-img --version
+requires qemu-io --version
+requires nbdcopy --version
+requires nbdsh --version
 
 MiB=$((1024 * 1024))
 

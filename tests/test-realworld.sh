@@ -40,7 +40,10 @@
 # safety cases.
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io nbdkit nbdcopy
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
+requires nbdcopy --version
 
 seed=${QCOW_SEED:-$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')}
 echo "seed $seed (QCOW_SEED=$seed repeats this run)"

@@ -12,7 +12,8 @@
 #     clean, no leaks), and a later grow does not bring old data back.
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img qemu-io
+requires qemu-img --version
+requires qemu-io --version
 [ -x "$QCOW_TOOL" ] || die "$QCOW_TOOL not found: run make"
 
 MiB=$((1024 * 1024))

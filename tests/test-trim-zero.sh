@@ -25,7 +25,9 @@
 #   SEED=N    reproduce a run (always printed)
 
 . "$(dirname "$0")/functions.sh"
-require qemu-img nbdkit nbdinfo
+requires qemu-img --version
+requires nbdkit --version
+requires nbdinfo --version
 
 use_seed
 
