@@ -1,6 +1,20 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* cluster.c - guest offset -> host offset: L1/L2 lookup and update, and
- * the ordered write-back of metadata (metadata_sync). */
+ * the ordered write-back of metadata (metadata_sync).
+ *
+ * Owns the in-memory L1 table (q->l1, host-endian, with a dirty index
+ * range) and the L2 tables in q->l2_cache; decodes an entry into a
+ * struct cmap, checking it against the file before anything follows it
+ * (damage is reported through qcow_corrupt).  An L2 table about to be
+ * modified is never shared with a snapshot: it is copied first.
+ *
+ * metadata_sync is the one place that decides the order in which dirty
+ * metadata reaches the disk, so that the file is consistent at every
+ * instant: data and refcount blocks (and a new refcount table) before the
+ * L2 tables that use them, L2 tables before the L1 entries that point to
+ * them, with a sync between each step unless lazy refcounts make the
+ * refcounts' order irrelevant.  The cache calls it back before evicting a
+ * dirty table.  Everything here runs with q->lock held. */
 #include <stdlib.h>
 
 #include "internal.h"

@@ -1,6 +1,12 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* compress.c - compressed clusters (zlib deflate and zstd): descriptors,
- * reading, and the host range a compressed cluster occupies. */
+/* compress.c - compressed clusters (zlib deflate and zstd): reading them,
+ * and freeing every host cluster one occupies.
+ *
+ * A descriptor (format.c decodes it) gives a byte offset and a sector
+ * count; the data may share host clusters with other compressed clusters
+ * and run past the end of the file for the last one.  Decompression
+ * contexts are kept per thread; nothing here takes a lock (callers hold
+ * io_lock shared, so the clusters cannot be freed meanwhile). */
 #include <stdlib.h>
 #include <zlib.h>
 #include <zstd.h>

@@ -1,5 +1,13 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* discard.c - giving space back: discard (trim) and write-zeroes. */
+/* discard.c - giving space back: discard (trim) and write-zeroes.
+ *
+ * Whole clusters are changed in their L2 entries only (zero flag, or
+ * unlinked), a whole L2 table at a time, under q->lock; partial clusters
+ * are written (zeroes) or left alone (trim).  The old host clusters are
+ * not freed here: rc_defer_free queues them, and the next flush frees
+ * them once the unlinking is durable (crash-safety rule 3), after which
+ * the background thread punches them out of the file.  Neither syncs on
+ * its own (only with QCOW_FUA). */
 #include <stdlib.h>
 
 #include "internal.h"

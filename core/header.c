@@ -1,6 +1,11 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* header.c - parse and validate the header and its extensions; write
- * header fields; build the header of a new image. */
+/* header.c - the live image's header: parse and validate it (refusing,
+ * with the file and the field named, anything that could lead outside
+ * the file or into other metadata), write fields of it back, build the
+ * header of a new image.  The bytes are format.c's business; the policy
+ * (what is refused) is this file's.  q->h is changed only under q->lock
+ * or before the image is shared; every header write is of whole fields
+ * from the cluster bits on, in one write (so atomic on a sector). */
 #include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>

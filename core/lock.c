@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* lock.c - image locking compatible with QEMU (see lock.h for the layout). */
+/* lock.c - image locking compatible with QEMU (see lock.h for the layout
+ * and the states).  Pure functions over a file descriptor; the core
+ * reaches them through backend_lock (backend.c), for local files only. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE             /* F_OFD_SETLK, F_OFD_GETLK */
 #endif

@@ -1,6 +1,19 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* refcount.c - refcount read/update, cluster allocation, refcount table
- * growth, deferred frees and rebuilding the refcount structure. */
+/* refcount.c - refcounts: read and update them, allocate clusters, grow
+ * the refcount table, and free clusters once that is safe.
+ *
+ * Owns q->rct (the refcount table, host-endian), the refcount blocks in
+ * q->refblock_cache, the allocator's hints (free_hint: no free cluster
+ * below it; frontier: the first cluster never handed out past the
+ * original end of the file, which reads as zeros) and the deferred frees
+ * (q->pending_free).  Invariants: a cluster is handed out only with its
+ * refcount raised; a refcount drops only once the reference it accounts
+ * for is durably gone (rc_defer_free, applied by flush_all in the
+ * rc_deferred_* steps); freed space is punched before it is reused.
+ * Storage of a fixed size (q->fixed_size) is never grown: allocation
+ * stays below its size, else -ENOSPC.  Everything runs under q->lock,
+ * except the punching of rc_deferred_punch_part (no lock, the clusters
+ * still counted). */
 #include <stdlib.h>
 #include <unistd.h>
 

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* snapshot.c - internal snapshots: read and validate the snapshot table.
- * The active layer reads and writes correctly next to them: clusters and
- * L2 tables they share are copied before being written (cluster.c,
- * qcow.c); their own tables are never modified. */
+/* snapshot.c - internal snapshots: read and validate the snapshot table
+ * (entries decoded by format.c).  The active layer reads and writes
+ * correctly next to them: clusters and L2 tables they share are copied
+ * before being written (cluster.c, rw.c); their own tables are never
+ * modified.  The table is read at open and constant after. */
 #include <stdlib.h>
 
 #include "internal.h"
