@@ -30,6 +30,8 @@ CORE_OBJS := $(patsubst core/%.c,$(O)/obj/core/%.o,$(CORE_SRCS))
 UNIT_SRCS := $(wildcard tests/unit-*.c)
 UNIT_BINS := $(patsubst tests/%.c,$(O)/tests/%,$(UNIT_SRCS))
 
+# What the plugin and the filter share (common/).
+SHIM_OBJS := $(O)/obj/common/params.o $(O)/obj/common/shim.o
 PLUGIN  := $(O)/qcow.so
 FILTER  := $(O)/qcow-filter.so
 TOOL    := $(O)/qcow-tool
@@ -70,13 +72,13 @@ $(O)/libqcowcore.a: $(CORE_OBJS)
 	@rm -f $@
 	ar rcs $@ $^
 
-$(PLUGIN): $(O)/obj/plugin/qcow.o $(O)/obj/common/params.o $(O)/libqcowcore.a plugin/exports.syms
+$(PLUGIN): $(O)/obj/plugin/qcow.o $(SHIM_OBJS) $(O)/libqcowcore.a plugin/exports.syms
 	$(CC) -shared $(LDFLAGS_SAN) -Wl,--version-script=plugin/exports.syms \
-	  -o $@ $(O)/obj/plugin/qcow.o $(O)/obj/common/params.o $(O)/libqcowcore.a $(LIBS)
+	  -o $@ $(O)/obj/plugin/qcow.o $(SHIM_OBJS) $(O)/libqcowcore.a $(LIBS)
 
-$(FILTER): $(O)/obj/filter/qcow-filter.o $(O)/obj/common/params.o $(O)/libqcowcore.a filter/exports.syms
+$(FILTER): $(O)/obj/filter/qcow-filter.o $(SHIM_OBJS) $(O)/libqcowcore.a filter/exports.syms
 	$(CC) -shared $(LDFLAGS_SAN) -Wl,--version-script=filter/exports.syms \
-	  -o $@ $(O)/obj/filter/qcow-filter.o $(O)/obj/common/params.o $(O)/libqcowcore.a $(LIBS)
+	  -o $@ $(O)/obj/filter/qcow-filter.o $(SHIM_OBJS) $(O)/libqcowcore.a $(LIBS)
 
 # bench/floor.c: a plugin that does no work, nbdkit's own cost in the bench.
 $(FLOOR): bench/floor.c

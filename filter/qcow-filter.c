@@ -29,6 +29,7 @@
 
 #include "qcow.h"
 #include "params.h"
+#include "shim.h"
 
 /* -D qcow.verbose=1: core debug messages; -D qcow.stats=1: stats at exit */
 NBDKIT_DLL_PUBLIC int qcow_debug_verbose = 0;
@@ -314,25 +315,13 @@ filter_after_fork (nbdkit_backend *backend)
   return -1;
 }
 
-static void
-print_stats (void)
-{
-  struct qcow_stats st;
-  qcow_get_stats (image, &st);
-  nbdkit_debug ("stats: reads=%" PRIu64 " writes=%" PRIu64 " flushes=%" PRIu64
-                " clusters_allocated=%" PRIu64 " discarded=%" PRIu64
-                " freed=%" PRIu64 " compacted=%" PRIu64,
-                st.reads, st.writes, st.flushes, st.clusters_allocated,
-                st.discarded, st.freed, st.compacted);
-}
-
 /* The image is closed (flushed, marked clean) before the plugin. */
 static void
 filter_cleanup (nbdkit_backend *backend)
 {
   if (image) {
     if (qcow_debug_stats)
-      print_stats ();
+      shim_print_stats (image);
     qcow_disconnect (image);
     image = NULL;
   }
@@ -404,12 +393,6 @@ ret (int r, int *err)
   return -1;
 }
 
-static unsigned
-fua (uint32_t flags)
-{
-  return flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0;
-}
-
 static int
 filter_pread (nbdkit_next *next, void *handle, void *buf, uint32_t count,
               uint64_t offset, uint32_t flags, int *err)
@@ -421,7 +404,7 @@ static int
 filter_pwrite (nbdkit_next *next, void *handle, const void *buf,
                uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  return ret (qcow_write (image, buf, count, offset, fua (flags)), err);
+  return ret (qcow_write (image, buf, count, offset, shim_flags (flags)), err);
 }
 
 static int
@@ -434,17 +417,14 @@ static int
 filter_trim (nbdkit_next *next, void *handle, uint32_t count,
              uint64_t offset, uint32_t flags, int *err)
 {
-  return ret (qcow_discard (image, count, offset, fua (flags)), err);
+  return ret (qcow_discard (image, count, offset, shim_flags (flags)), err);
 }
 
 static int
 filter_zero (nbdkit_next *next, void *handle, uint32_t count,
              uint64_t offset, uint32_t flags, int *err)
 {
-  unsigned f = fua (flags) |
-               (flags & NBDKIT_FLAG_MAY_TRIM ? QCOW_MAY_TRIM : 0) |
-               (flags & NBDKIT_FLAG_FAST_ZERO ? QCOW_FAST_ZERO : 0);
-  return ret (qcow_zero (image, count, offset, f), err);
+  return ret (qcow_zero (image, count, offset, shim_flags (flags)), err);
 }
 
 static int
@@ -452,24 +432,7 @@ filter_extents (nbdkit_next *next, void *handle, uint32_t count,
                 uint64_t offset, uint32_t flags,
                 struct nbdkit_extents *extents, int *err)
 {
-  uint64_t end = offset + count;
-  while (offset < end) {
-    uint64_t len;
-    unsigned f;
-    int r = qcow_map (image, offset, end - offset, &len, &f);
-    if (r < 0)
-      return ret (r, err);
-    uint32_t type = (f & QCOW_EXTENT_HOLE ? NBDKIT_EXTENT_HOLE : 0) |
-                    (f & QCOW_EXTENT_ZERO ? NBDKIT_EXTENT_ZERO : 0);
-    if (nbdkit_add_extent (extents, offset, len, type) == -1) {
-      *err = errno;
-      return -1;
-    }
-    offset += len;
-    if (flags & NBDKIT_FLAG_REQ_ONE)
-      break;
-  }
-  return 0;
+  return ret (shim_extents (image, count, offset, flags, extents), err);
 }
 
 static struct nbdkit_filter filter = {

@@ -15,6 +15,7 @@
 
 #include "qcow.h"
 #include "params.h"
+#include "shim.h"
 
 /* Every connection uses the one shared image, so handles go unused. */
 #define UNUSED __attribute__ ((unused))
@@ -43,27 +44,10 @@ plugin_load (void)
 }
 
 static void
-print_stats (void)
-{
-  struct qcow_stats st;
-  qcow_get_stats (image, &st);
-  nbdkit_debug ("stats: reads=%" PRIu64 " writes=%" PRIu64 " flushes=%" PRIu64
-                " clusters_allocated=%" PRIu64 " discarded=%" PRIu64
-                " erased=%" PRIu64 " freed=%" PRIu64 " bytes_punched=%" PRIu64
-                " l2_cache_hits=%" PRIu64 " l2_cache_misses=%" PRIu64
-                " metadata_writes=%" PRIu64 " compacted=%" PRIu64
-                " compactions=%" PRIu64,
-                st.reads, st.writes, st.flushes, st.clusters_allocated,
-                st.discarded, st.erased, st.freed, st.bytes_punched,
-                st.l2_cache_hits, st.l2_cache_misses, st.metadata_writes,
-                st.compacted, st.compactions);
-}
-
-static void
 plugin_unload (void)
 {
   if (image && qcow_debug_stats)
-    print_stats ();
+    shim_print_stats (image);
   if (image)
     qcow_disconnect (image);
   image = NULL;
@@ -214,25 +198,20 @@ static int
 plugin_pwrite (void *handle UNUSED, const void *buf, uint32_t count, uint64_t offset,
              uint32_t flags)
 {
-  return ret (qcow_write (image, buf, count, offset,
-                          flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0));
+  return ret (qcow_write (image, buf, count, offset, shim_flags (flags)));
 }
 
 static int
 plugin_trim (void *handle UNUSED, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  return ret (qcow_discard (image, count, offset,
-                            flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0));
+  return ret (qcow_discard (image, count, offset, shim_flags (flags)));
 }
 
 static int
 plugin_zero (void *handle UNUSED, uint32_t count, uint64_t offset,
-              uint32_t flags)
+             uint32_t flags)
 {
-  unsigned f = (flags & NBDKIT_FLAG_FUA ? QCOW_FUA : 0) |
-               (flags & NBDKIT_FLAG_MAY_TRIM ? QCOW_MAY_TRIM : 0) |
-               (flags & NBDKIT_FLAG_FAST_ZERO ? QCOW_FAST_ZERO : 0);
-  return ret (qcow_zero (image, count, offset, f));
+  return ret (qcow_zero (image, count, offset, shim_flags (flags)));
 }
 
 static int
@@ -243,24 +222,9 @@ plugin_flush (void *handle UNUSED, uint32_t flags UNUSED)
 
 static int
 plugin_extents (void *handle UNUSED, uint32_t count, uint64_t offset, uint32_t flags,
-              struct nbdkit_extents *extents)
+                struct nbdkit_extents *extents)
 {
-  uint64_t end = offset + count;
-  while (offset < end) {
-    uint64_t len;
-    unsigned f;
-    int r = qcow_map (image, offset, end - offset, &len, &f);
-    if (r < 0)
-      return ret (r);
-    uint32_t type = (f & QCOW_EXTENT_HOLE ? NBDKIT_EXTENT_HOLE : 0) |
-                    (f & QCOW_EXTENT_ZERO ? NBDKIT_EXTENT_ZERO : 0);
-    if (nbdkit_add_extent (extents, offset, len, type) == -1)
-      return -1;
-    offset += len;
-    if (flags & NBDKIT_FLAG_REQ_ONE)
-      break;
-  }
-  return 0;
+  return ret (shim_extents (image, count, offset, flags, extents));
 }
 
 static struct nbdkit_plugin plugin = {
