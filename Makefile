@@ -1,13 +1,23 @@
 # nbdkit-qcow-plugin: one plain GNU make file.
-#   make            build ./qcow.so, ./qcow-tool and the man page
+#   make            build ./qcow.so, ./qcow-tool, lib/libqcow.so and the man pages
 #   make run        install missing dependencies, build, serve disk.qcow2
 #   make check      install missing dependencies, build, run every test
 #   make check SANITIZE=1   the same under ASan + UBSan (build in build-san/)
 #   make bench      benchmark against qemu-nbd and a raw file
-#   make install    install plugin, tool and man page under $(PREFIX)
+#   make install    install plugin, tool, man pages, library, header and qcow.pc
 
 CC      ?= cc
+PKG_CONFIG ?= pkg-config
 PREFIX  ?= /usr/local
+BINDIR  ?= $(PREFIX)/bin
+LIBDIR  ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+MANDIR  ?= $(PREFIX)/share/man
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+# Where nbdkit looks for plugins and filters (outside PREFIX: installed
+# anywhere else, nbdkit would not find them by their short names).
+PLUGINDIR ?= $(shell $(PKG_CONFIG) --variable=plugindir nbdkit 2>/dev/null || echo $(PREFIX)/lib/nbdkit/plugins)
+FILTERDIR ?= $(shell $(PKG_CONFIG) --variable=filterdir nbdkit 2>/dev/null || echo $(PREFIX)/lib/nbdkit/filters)
 SANITIZE ?=
 CFLAGS_BASE = -std=gnu11 -O2 -g -fPIC -pthread -Wall -Wextra -Werror \
               -D_GNU_SOURCE -Icore
@@ -20,8 +30,22 @@ else
 O       := .
 endif
 CFLAGS  ?=
-ALL_CFLAGS = $(CFLAGS_BASE) $(CFLAGS)
+ALL_CFLAGS = $(CFLAGS_BASE) $(CPPFLAGS) $(CFLAGS)
 LIBS    = -pthread -lz -lzstd
+
+# The shared library: the core with only qcow.h's functions exported.
+# SOVERSION changes with every incompatible change to qcow.h (a function
+# removed or changed, a struct's layout changed); the file name carries
+# the library version (QCOW_LIB_VERSION in qcow.h).
+VERSION   := $(shell sed -n 's/^\#define QCOW_LIB_VERSION "\(.*\)"/\1/p' core/qcow.h)
+SOVERSION  = 0
+LIB       := $(O)/lib/libqcow.so.$(VERSION)
+LIB_LINKS := $(O)/lib/libqcow.so.$(SOVERSION) $(O)/lib/libqcow.so
+LIB_MAP   := $(O)/obj/libqcow.map
+ifneq ($(SANITIZE),1)
+LIB_LDFLAGS = -Wl,-z,defs
+endif
+EXAMPLE   := $(O)/examples/qcow-example
 
 CORE_SRCS := $(wildcard core/*.c)
 CORE_OBJS := $(patsubst core/%.c,$(O)/obj/core/%.o,$(CORE_SRCS))
@@ -32,14 +56,15 @@ PLUGIN  := $(O)/qcow.so
 TOOL    := $(O)/qcow-tool
 FLOOR   := $(O)/bench-floor.so
 MAN     := nbdkit-qcow-plugin.1
+TOOLMAN := qcow-tool.1
 
 # Debian packages needed to build, test and benchmark.
 DEPS_BUILD = gcc clang make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev perl
 DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools fdisk e2fsprogs valgrind
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
-.PHONY: all deps run check bench install clean fuzz fuzz-build unit
-all: $(PLUGIN) $(TOOL) $(MAN) $(FLOOR)
+.PHONY: all deps run check bench install clean fuzz fuzz-build unit examples
+all: $(PLUGIN) $(TOOL) $(MAN) $(TOOLMAN) $(FLOOR) $(LIB_LINKS)
 
 $(O)/obj/core/%.o: core/%.c core/*.h
 	@mkdir -p $(dir $@)
@@ -58,24 +83,52 @@ $(O)/libqcowcore.a: $(CORE_OBJS)
 	ar rcs $@ $^
 
 $(PLUGIN): $(O)/obj/plugin/qcow.o $(O)/libqcowcore.a
-	$(CC) -shared $(LDFLAGS_SAN) -o $@ $^ $(LIBS)
+	$(CC) -shared $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(LIB_MAP): core/qcow.h libqcow/exports
+	@mkdir -p $(dir $@)
+	libqcow/exports --map $< > $@.tmp && mv $@.tmp $@
+
+$(LIB): $(CORE_OBJS) $(LIB_MAP)
+	@mkdir -p $(dir $@)
+	$(CC) -shared $(LDFLAGS_SAN) $(LDFLAGS) $(LIB_LDFLAGS) \
+	  -Wl,-soname,libqcow.so.$(SOVERSION) -Wl,--version-script=$(LIB_MAP) \
+	  -Wl,--no-undefined-version -o $@ $(CORE_OBJS) $(LIBS)
+
+$(O)/lib/libqcow.so.$(SOVERSION): $(LIB)
+	ln -sf $(notdir $<) $@
+
+$(O)/lib/libqcow.so: $(O)/lib/libqcow.so.$(SOVERSION)
+	ln -sf $(notdir $<) $@
+
+# examples/: programs using the library as its users do (-lqcow).
+$(EXAMPLE): examples/qcow-example.c core/qcow.h $(LIB_LINKS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $< -L$(O)/lib -lqcow
+
+examples: $(EXAMPLE)
 
 # bench/floor.c: a plugin that does no work, nbdkit's own cost in the bench.
 $(FLOOR): bench/floor.c
-	$(CC) $(ALL_CFLAGS) -shared $(LDFLAGS_SAN) -o $@ $<
+	$(CC) $(ALL_CFLAGS) -shared $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $<
 
 $(TOOL): $(O)/obj/tool/qcow-tool.o $(O)/libqcowcore.a
-	$(CC) $(LDFLAGS_SAN) -o $@ $^ $(LIBS)
+	$(CC) $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(O)/tests/%: tests/%.c $(O)/libqcowcore.a core/qcow.h
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SAN) -o $@ $< $(O)/libqcowcore.a $(LIBS)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $< $(O)/libqcowcore.a $(LIBS)
 
 unit: $(UNIT_BINS)
 
 $(MAN): nbdkit-qcow-plugin.pod
 	pod2man --section=1 --center="nbdkit" --release="nbdkit-qcow-plugin" \
 	  --name=nbdkit-qcow-plugin $< > $@
+
+$(TOOLMAN): qcow-tool.pod
+	pod2man --section=1 --center="nbdkit-qcow-plugin" \
+	  --release="nbdkit-qcow-plugin $(VERSION)" --name=qcow-tool $< > $@.tmp
+	mv $@.tmp $@
 
 # Install what is missing (as root), or say exactly what to run.
 deps:
@@ -100,7 +153,7 @@ run: deps
 	nbdkit -f -v $(abspath $(PLUGIN)) file=$(abspath disk.qcow2)
 
 check: deps
-	$(MAKE) all unit
+	$(MAKE) all unit examples
 	QCOW_BUILD=$(abspath $(O)) SANITIZE=$(SANITIZE) tests/run
 
 bench: deps
@@ -121,11 +174,27 @@ fuzz: deps
 	$(MAKE) fuzz-build
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run
 
+# The filter and its man page are installed when they have been built.
 install: all
-	install -D -m 755 $(PLUGIN) $(DESTDIR)$$(pkg-config --variable=plugindir nbdkit 2>/dev/null || echo $(PREFIX)/lib/nbdkit/plugins)/nbdkit-qcow-plugin.so
-	install -D -m 755 $(TOOL) $(DESTDIR)$(PREFIX)/bin/qcow-tool
-	install -D -m 644 $(MAN) $(DESTDIR)$(PREFIX)/share/man/man1/$(MAN)
+	install -D -m 755 $(PLUGIN) $(DESTDIR)$(PLUGINDIR)/nbdkit-qcow-plugin.so
+	if [ -f $(O)/qcow-filter.so ]; then \
+	  install -D -m 755 $(O)/qcow-filter.so $(DESTDIR)$(FILTERDIR)/nbdkit-qcow-filter.so; fi
+	install -D -m 755 $(TOOL) $(DESTDIR)$(BINDIR)/qcow-tool
+	install -D -m 644 $(MAN) $(DESTDIR)$(MANDIR)/man1/$(MAN)
+	install -D -m 644 $(TOOLMAN) $(DESTDIR)$(MANDIR)/man1/$(TOOLMAN)
+	if [ -f nbdkit-qcow-filter.1 ]; then \
+	  install -D -m 644 nbdkit-qcow-filter.1 $(DESTDIR)$(MANDIR)/man1/nbdkit-qcow-filter.1; fi
+	install -D -m 644 $(LIB) $(DESTDIR)$(LIBDIR)/$(notdir $(LIB))
+	ln -sf $(notdir $(LIB)) $(DESTDIR)$(LIBDIR)/libqcow.so.$(SOVERSION)
+	ln -sf libqcow.so.$(SOVERSION) $(DESTDIR)$(LIBDIR)/libqcow.so
+	install -D -m 644 core/qcow.h $(DESTDIR)$(INCLUDEDIR)/qcow.h
+	@mkdir -p $(DESTDIR)$(PKGCONFIGDIR)
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+	  -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	  libqcow/qcow.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/qcow.pc
+	if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then ldconfig; fi
 
 clean:
 	rm -rf obj build-san build-fuzz tests/unit-*.o qcow.so bench-floor.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
+	rm -rf lib examples/qcow-example $(TOOLMAN)
 	rm -rf ./tests/bin
