@@ -5,6 +5,7 @@
 #   make check SANITIZE=1   the same under ASan + UBSan (build in build-san/)
 #   make bench      benchmark against qemu-nbd and a raw file
 #   make install    install plugin, tool, man pages, library, header and qcow.pc
+#   make deb        install missing dependencies, build Debian packages in build-deb/
 
 CC      ?= cc
 PKG_CONFIG ?= pkg-config
@@ -63,7 +64,7 @@ DEPS_BUILD = gcc clang make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzs
 DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools fdisk e2fsprogs valgrind
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
-.PHONY: all deps run check bench install clean fuzz fuzz-build unit examples
+.PHONY: all deps run check bench install clean fuzz fuzz-build unit examples deb deb-deps
 all: $(PLUGIN) $(TOOL) $(MAN) $(TOOLMAN) $(FLOOR) $(LIB_LINKS)
 
 $(O)/obj/core/%.o: core/%.c core/*.h
@@ -130,9 +131,9 @@ $(TOOLMAN): qcow-tool.pod
 	  --release="nbdkit-qcow-plugin $(VERSION)" --name=qcow-tool $< > $@.tmp
 	mv $@.tmp $@
 
-# Install what is missing (as root), or say exactly what to run.
-deps:
-	@missing=""; for p in $(DEPS); do \
+# $(call apt_install,PACKAGES): install those missing (as root), or say
+# exactly what to run.
+apt_install = @missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -143,6 +144,9 @@ deps:
 	    echo "Missing packages. Run:  sudo apt-get install -y$$missing"; exit 1; \
 	  fi; \
 	fi
+
+deps:
+	$(call apt_install,$(DEPS))
 
 disk.qcow2: | $(TOOL)
 	$(TOOL) create $@ 1G
@@ -194,7 +198,41 @@ install: all
 	  libqcow/qcow.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/qcow.pc
 	if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then ldconfig; fi
 
+# Debian packages (debian/), built from a copy of the sources in build-deb/
+# so that the tree and its build stay as they are: build-deb/*.deb.
+# Their build dependencies are debian/control's; lintian, if installed,
+# checks the result.
+DEB_DIR = build-deb
+DEB_SRC = $(DEB_DIR)/nbdkit-qcow-plugin-$(VERSION)
+
+deb-deps:
+	$(call apt_install,dpkg-dev debhelper)
+	@if ! dpkg-checkbuilddeps >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing the build dependencies of debian/control"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./ >/dev/null || exit 1; \
+	  else \
+	    echo "Missing build dependencies. Run:  sudo apt-get build-dep -y ./"; exit 1; \
+	  fi; \
+	fi
+
+deb: deb-deps
+	@v=$$(dpkg-parsechangelog -S Version); if [ "$${v%%-*}" != "$(VERSION)" ]; then \
+	  echo "debian/changelog is at $$v, core/qcow.h at $(VERSION): add a changelog entry"; exit 1; fi
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_SRC)
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git ls-files -z --cached --others --exclude-standard | \
+	    tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(DEB_SRC); \
+	else \
+	  tar --exclude=./$(DEB_DIR) -cf - . | tar -xf - -C $(DEB_SRC); \
+	fi
+	cd $(DEB_SRC) && dpkg-buildpackage -b -us -uc
+	rm -rf $(DEB_SRC)
+	@ls -l $(DEB_DIR)
+	if command -v lintian >/dev/null; then lintian --fail-on error $(DEB_DIR)/*.changes; fi
+
 clean:
 	rm -rf obj build-san build-fuzz tests/unit-*.o qcow.so bench-floor.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
-	rm -rf lib examples/qcow-example $(TOOLMAN)
+	rm -rf lib examples/qcow-example $(TOOLMAN) $(DEB_DIR)
 	rm -rf ./tests/bin
