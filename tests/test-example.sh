@@ -10,8 +10,10 @@ example=$QCOW_BUILD/examples/qcow-example
 [ -x "$example" ] || die "$example not found: run make examples"
 export LD_LIBRARY_PATH=$QCOW_BUILD/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
-ldd "$example" | grep -q "libqcow\.so\.0 => $QCOW_BUILD/lib/libqcow\.so\.0" ||
-    { ldd "$example"; die "the example does not use the in-tree libqcow.so.0"; }
+# (ldd's output in a file: grep -q leaving early would fail the pipe.)
+ldd "$example" > "$TMPD/ldd"
+grep -q "libqcow\.so\.0 => $QCOW_BUILD/lib/libqcow\.so\.0 " "$TMPD/ldd" ||
+    { cat "$TMPD/ldd"; die "the example does not use the in-tree libqcow.so.0"; }
 
 img=$TMPD/example.qcow2
 "$example" "$img" || die "qcow-example failed"
