@@ -55,7 +55,7 @@ usage_error (const char *cmd, const char *fmt, ...)
   va_start (ap, fmt);
   vfprintf (stderr, fmt, ap);
   va_end (ap);
-  fprintf (stderr, " (see '" PROG " --help')\n");
+  fprintf (stderr, " (see '" PROG " %s --help')\n", cmd);
   return 1;
 }
 
@@ -1086,52 +1086,148 @@ cmd_repair (int argc, char **argv)
   return rr.after.verdict;
 }
 
-/* ---- dispatch ---- */
+/* ---- dispatch and help ---- */
 
+/* One entry per subcommand: adding a subcommand is adding its entry here
+ * (and its section in qcow-tool.pod).  'qcow-tool --help' lists NAME,
+ * ARGS and SUMMARY; 'qcow-tool NAME --help' prints ARGS, SUMMARY and
+ * DETAILS (what it does, then its options, one per line).  main answers
+ * --help itself, so RUN never sees it. */
 struct command {
   const char *name;
-  int (*run) (int argc, char **argv);   /* argv[0] is the subcommand;
+  int (*run) (int argc, char **argv);   /* argv[0] is the program name;
                                            returns the exit status */
-  const char *args;
-  const char *help;
+  const char *args;                     /* lines after the first are
+                                           indented when printed */
+  const char *summary;
+  const char *details;
 };
 
 static const struct command commands[] = {
   { "info", cmd_info, "FILE [--json] [-U|--force-share]",
-    "print the image header, features and space use (read-only)" },
+    "print the image header, features and space use (read-only)",
+    "Prints the version, virtual size, cluster size, refcount width, feature\n"
+    "bits, dirty and corrupt flags, compression type, encryption, table\n"
+    "locations, snapshots, backing chain, allocated bytes and file size.\n"
+    "Opens the image read-only.\n"
+    "\n"
+    "Options:\n"
+    "  --json               print the same as one JSON object\n"
+    "  -U, --force-share    take no lock, like qemu-img info -U (works while\n"
+    "                       the image is served read-write)\n" },
   { "create", cmd_create,
     "FILE SIZE [--cluster-size=SIZE] [--lazy-refcounts=on|off]\n"
-    "                [--refcount-bits=N] [--compat=0.10|1.1|v2|v3] [--force]",
-    "create a new empty image (--force overwrites an existing FILE)" },
+    "[--refcount-bits=N] [--compat=0.10|1.1|v2|v3] [--force]",
+    "create a new empty image (--force overwrites an existing FILE)",
+    "Creates a new empty image of SIZE bytes (virtual size), unless told\n"
+    "otherwise version 3 with 64 KiB clusters, 16 bit refcounts and lazy\n"
+    "refcounts.  An existing FILE is refused without --force.\n"
+    "\n"
+    "Options:\n"
+    "  --cluster-size=SIZE       a power of two from 512 to 2M (default 64k)\n"
+    "  --lazy-refcounts=on|off   default on (version 3 only)\n"
+    "  --refcount-bits=N         a power of two from 1 to 64 (default 16;\n"
+    "                            version 2 allows only 16)\n"
+    "  --compat=0.10|1.1|v2|v3   qcow2 version 2 (0.10) or 3 (1.1, default)\n"
+    "  --force                   overwrite an existing FILE\n" },
   { "resize", cmd_resize, "FILE [+|-]SIZE [--ignore-data-loss]",
-    "change the virtual size; shrinking needs --ignore-data-loss" },
+    "change the virtual size; shrinking needs --ignore-data-loss",
+    "Changes the virtual size to SIZE; +SIZE and -SIZE are relative to the\n"
+    "current size, as with qemu-img resize.  Shrinking discards the data\n"
+    "past the new end; an image with internal snapshots cannot be shrunk.\n"
+    "\n"
+    "Options:\n"
+    "  --ignore-data-loss   allow shrinking\n" },
   { "compact", cmd_compact, "FILE [--progress] [--json]",
-    "move clusters into free space and truncate the file" },
+    "move clusters into free space and truncate the file",
+    "Moves clusters from the end of the file into free space nearer the\n"
+    "start, truncates the file, and prints the sectors copied, the\n"
+    "references updated and the file size before and after.\n"
+    "\n"
+    "Options:\n"
+    "  -p, --progress   draw a progress bar on standard error (a terminal)\n"
+    "  --json           print the result as one JSON object\n" },
   { "map", cmd_map, "FILE",
-    "print the guest ranges: offset, length, data|zero|hole" },
+    "print the guest ranges: offset, length, data|zero|hole",
+    "Prints one line per run of the virtual disk: its offset and length in\n"
+    "bytes and whether it holds data, reads as zeros (zero) or is\n"
+    "unallocated (hole), separated by tabs.  Opens the image read-only.\n" },
   { "check", cmd_check, "FILE [--json]",
     "check the image's integrity (read-only); exit status as qemu-img\n"
-    "      check: 0 clean, 2 corrupt, 3 leaked clusters only, 1 could not check" },
+    "      check: 0 clean, 2 corrupt, 3 leaked clusters only, 1 could not check",
+    "Recounts every reference to every host cluster and compares with the\n"
+    "stored refcounts and COPIED flags, as qemu-img check does; prints each\n"
+    "problem and a summary.  The file is never modified.  Exit status 0:\n"
+    "clean, 2: corrupt, 3: leaked clusters only, 1: could not check.\n"
+    "\n"
+    "Options:\n"
+    "  --json   print the verdict, the counts and the problems as one JSON\n"
+    "           object\n" },
   { "repair", cmd_repair, "FILE",
     "fix damaged table entries and rebuild the refcounts (qemu-img\n"
-    "      check -r all); leaves the file unchanged if it cannot repair it" },
+    "      check -r all); leaves the file unchanged if it cannot repair it",
+    "Repairs the image as qemu-img check -r all does: unlinks table entries\n"
+    "that point outside the file or into metadata, realigns misaligned\n"
+    "ones, clears reserved bits, corrects COPIED flags, rebuilds the\n"
+    "refcount structure and clears the corrupt bit.  Every fix is planned\n"
+    "before anything is written; an image that cannot be repaired is left\n"
+    "unchanged.  Exit status as check, for the image after the repair.\n" },
 };
 #define NR_COMMANDS (sizeof commands / sizeof commands[0])
+
+/* Print ARGS, indenting its continuation lines by INDENT columns. */
+static void
+print_args (FILE *fp, const char *args, int indent)
+{
+  for (const char *p = args; *p; p++) {
+    fputc (*p, fp);
+    if (*p == '\n')
+      fprintf (fp, "%*s", indent, "");
+  }
+}
 
 static void
 usage (FILE *fp)
 {
-  fprintf (fp, "Usage: " PROG " COMMAND [ARGS...]\n\nCommands:\n");
-  for (size_t i = 0; i < NR_COMMANDS; i++)
-    fprintf (fp, "  %s %s\n      %s\n",
-             commands[i].name, commands[i].args, commands[i].help);
+  fprintf (fp, "Usage: " PROG " COMMAND [ARGS...]\n"
+           "       " PROG " COMMAND --help\n\nCommands:\n");
+  for (size_t i = 0; i < NR_COMMANDS; i++) {
+    int indent = fprintf (fp, "  %s ", commands[i].name);
+    print_args (fp, commands[i].args, indent);
+    fprintf (fp, "\n      %s\n", commands[i].summary);
+  }
   fprintf (fp,
            "\n"
            "SIZE is a number of bytes, optionally with a suffix k, M, G, T, P\n"
            "or E (powers of 1024), like qemu-img: 512, 64k, 1.5G.\n"
            "\n"
-           "  " PROG " --help       print this help\n"
-           "  " PROG " --version    print the version\n");
+           "  " PROG " COMMAND --help   the command's options\n"
+           "  " PROG " --help           print this help\n"
+           "  " PROG " --version        print the version\n"
+           "\n"
+           "See qcow-tool(1) for the whole manual.\n");
+}
+
+static void
+command_usage (const struct command *cmd)
+{
+  int indent = printf ("Usage: " PROG " %s ", cmd->name);
+  print_args (stdout, cmd->args, indent);
+  printf ("\n\n%s", cmd->details);
+}
+
+/* Does the subcommand's ARGV (argv[0] its name) ask for help?  Only
+ * options before a "--" count. */
+static bool
+wants_help (int argc, char **argv)
+{
+  for (int i = 1; i < argc; i++) {
+    if (strcmp (argv[i], "--") == 0)
+      return false;
+    if (strcmp (argv[i], "--help") == 0 || strcmp (argv[i], "-h") == 0)
+      return true;
+  }
+  return false;
 }
 
 int
@@ -1145,14 +1241,18 @@ main (int argc, char **argv)
   }
   if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0) {
     usage (stdout);
-    return 0;
+    return flush_stdout ();
   }
   if (strcmp (argv[1], "--version") == 0 || strcmp (argv[1], "-V") == 0) {
     printf (PROG " %s\n", QCOW_LIB_VERSION);
-    return 0;
+    return flush_stdout ();
   }
   for (size_t i = 0; i < NR_COMMANDS; i++)
     if (strcmp (argv[1], commands[i].name) == 0) {
+      if (wants_help (argc - 1, argv + 1)) {
+        command_usage (&commands[i]);
+        return flush_stdout ();
+      }
       /* Hand the subcommand its own argv, with its name as argv[0], and
        * let getopt print "qcow-tool: unrecognized option" itself. */
       argv[1] = (char *) PROG;
