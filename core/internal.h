@@ -176,7 +176,8 @@ struct qcow {
 
   uint64_t file_size;      /* bytes known to exist (max written end) */
   uint64_t frontier;       /* first host cluster never handed out and past
-                              the original end of file: reads as zeros */
+                              the original end of file (or of what the
+                              fixed-size storage holds): reads as zeros */
   uint64_t free_hint;      /* no free cluster below this one */
   struct inflight *inflight;
   uint64_t *pending_free;  /* host clusters to decrement once unlinked */
@@ -267,6 +268,7 @@ int rc_get (struct qcow *q, uint64_t cluster, uint64_t *rc);
 int rc_set (struct qcow *q, uint64_t cluster, uint64_t rc);
 int rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fresh);
 int rc_free (struct qcow *q, uint64_t cluster, uint64_t n);
+int rc_used_end (struct qcow *q, uint64_t *end);
 int rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first);
 void rc_defer_free (struct qcow *q, uint64_t cluster);
 int rc_apply_deferred (struct qcow *q);

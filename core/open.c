@@ -261,6 +261,34 @@ qcow_lock_write (struct qcow *q)
   return r;
 }
 
+/* Storage of a fixed size that reads as zeros past some point: new
+ * clusters from there on need no zeros written (the frontier moves down
+ * to it).  Every cluster in use stays below the frontier, so that a
+ * cluster freed and reused later is never taken for one that reads as
+ * zeros.  Once, before the first change (after any rebuild, when the
+ * refcounts can be trusted). */
+static int
+find_zero_tail (struct qcow *q)
+{
+  struct qcow_backend *b = q->img;
+  uint64_t zeros_from, used_end;
+  int r;
+  if (!q->fixed_size || !b->ops.zero_tail ||
+      b->ops.zero_tail (b->opaque, &zeros_from) < 0 || zeros_from >= q->file_size)
+    return 0;
+  if ((r = rc_used_end (q, &used_end)) < 0)
+    return r;
+  uint64_t c = div_round_up (zeros_from, q->cluster_size);
+  if (c < used_end)
+    c = used_end;
+  if (c < q->frontier) {
+    qcow_debugf ("%s: the storage reads as zeros from cluster %" PRIu64,
+                 q->filename, c);
+    q->frontier = c;
+  }
+  return 0;
+}
+
 /* Before the first change: repair a dirty image, clear autoclear bits we
  * do not maintain, and with lazy refcounts set the dirty bit. */
 int
@@ -295,6 +323,8 @@ begin_modify (struct qcow *q)
       return r;
     q->dirty_bit_set = lazy;
   }
+  if ((r = find_zero_tail (q)) < 0)
+    return r;
   if (lazy && !q->dirty_bit_set) {
     if ((r = header_set_incompat (q, q->h.incompatible_features | QCOW_INCOMPAT_DIRTY)) < 0)
       return r;

@@ -86,6 +86,10 @@ struct qcow_backend_ops {
                            /* give the space back; the range may then read
                               as anything */
   int (*truncate) (void *opaque, uint64_t size);   /* grow or shrink */
+  int (*zero_tail) (void *opaque, uint64_t *offset);
+                           /* *OFFSET: the storage reads as zeros from
+                              there to its end (fixed-size storage: new
+                              clusters there need no zeros written) */
   void (*close) (void *opaque);        /* when the backend is freed */
 };
 struct qcow_backend;

@@ -316,7 +316,7 @@ rc_alloc (struct qcow *q, uint64_t n, uint64_t *first, uint64_t *got, bool *fres
     for (uint64_t i = 0; i < k; i++)
       if ((r = rc_set (q, c + i, 1)) < 0)
         return r;
-    *fresh = c >= q->frontier && !q->fixed_size;
+    *fresh = c >= q->frontier;
     if (c + k > q->frontier)
       q->frontier = c + k;
     q->free_hint = c + k;
@@ -380,6 +380,25 @@ rc_alloc_contiguous (struct qcow *q, uint64_t n, uint64_t *first)
     q->frontier = next;
   q->stats.clusters_allocated += n;
   *first = start;
+  return 0;
+}
+
+/* *END: one past the last cluster with a non-zero refcount. */
+int
+rc_used_end (struct qcow *q, uint64_t *end)
+{
+  *end = 0;
+  for (uint64_t i = q->rct_entries; i-- > 0;) {
+    struct centry *e;
+    int r = rc_block (q, i, &e);
+    if (r < 0)
+      return r;
+    for (uint64_t j = e ? 1ULL << q->rb_bits : 0; j-- > 0;)
+      if (fmt_refcount_get (q->h.refcount_order, e->data, j)) {
+        *end = (i << q->rb_bits) + j + 1;
+        return 0;
+      }
+  }
   return 0;
 }
 

@@ -255,7 +255,8 @@ static bool
 wait_for_punching (struct qcow *q)
 {
   bool queued = q->punch_head && !q->bg_compacting;
-  if (!(q->punch_busy || queued) || q->free_hint < q->frontier ||
+  uint64_t end = q->fixed_size ? q->file_size >> q->cluster_bits : q->frontier;
+  if (!(q->punch_busy || queued) || q->free_hint < end ||
       pthread_equal (pthread_self (), q->bg_thread))
     return false;
   uint64_t gen = q->punch_gen;

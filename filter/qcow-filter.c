@@ -37,13 +37,17 @@ NBDKIT_DLL_PUBLIC int qcow_debug_stats = 0;
 
 static struct params params;            /* qcow-* */
 static char *image_name;                /* the plugin's file=, absolute */
+static int nfile;                       /* how many file= went by */
 static char *start_dir;                 /* the directory nbdkit started in */
+static nbdkit_backend *backend_early;   /* from .config_complete */
+static bool validated;                  /* the image passed in .get_ready */
 static struct qcow *image;              /* shared by every connection */
 
 /* The shared context to the plugin, and what it can do. */
 static nbdkit_next *plugin;
 static uint64_t plugin_size;
 static bool plugin_can_flush, plugin_can_trim, plugin_can_fast_zero;
+static bool plugin_can_extents;
 static bool serialize;                  /* thread model is not PARALLEL */
 static pthread_mutex_t plugin_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -76,7 +80,9 @@ filter_unload (void)
 
 /* qcow-KEY is ours; everything else goes to the plugin.  The file
  * plugin's file= is noted on its way: the image's name in messages, and
- * where relative backing file names resolve, as QEMU resolves them. */
+ * where relative backing file names resolve, as QEMU resolves them (not
+ * when several go by, as with the split plugin: which one holds the
+ * header is the plugin's business). */
 static int
 filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
                const char *key, const char *value)
@@ -87,12 +93,9 @@ filter_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
       nbdkit_error ("unknown parameter '%s'", key);
     return r == 1 ? 0 : -1;
   }
-  if (strcmp (key, "file") == 0) {
-    free (image_name);
-    image_name = nbdkit_absolute_path (value);
-    if (!image_name)
-      return -1;
-  }
+  if (strcmp (key, "file") == 0 && nfile++ == 0 &&
+      !(image_name = nbdkit_absolute_path (value)))
+    return -1;
   return next (nxdata, key, value);
 }
 
@@ -100,8 +103,18 @@ static int
 filter_config_complete (nbdkit_next_config_complete *next,
                         nbdkit_backend *nxdata)
 {
+  static int instances;
+  if (++instances > 1) {
+    nbdkit_error ("the qcow filter can be used only once in a chain");
+    return -1;
+  }
   if (params_config_complete (&params, "qcow-") < 0)
     return -1;
+  if (nfile > 1) {
+    free (image_name);
+    image_name = NULL;
+  }
+  backend_early = nxdata;
   /* nbdkit may change directory when it forks into the background. */
   if (!image_name && !(start_dir = get_current_dir_name ())) {
     nbdkit_error ("getcwd: %m");
@@ -113,14 +126,6 @@ filter_config_complete (nbdkit_next_config_complete *next,
 
 #define filter_config_help \
   PARAMS_HELP ("qcow-")
-
-static int
-filter_get_ready (int thread_model)
-{
-  serialize = thread_model != NBDKIT_THREAD_MODEL_PARALLEL;
-  params.config.read_only = params_started_readonly ();
-  return 0;
-}
 
 /* ---- the plugin as the core's block backend ---- */
 
@@ -217,18 +222,47 @@ next_discard (void *opaque, uint64_t offset, uint64_t count)
   return 0;
 }
 
-/* Open the shared context; fill in what the plugin can do. */
+/* Where the plugin's data reads as zeros to its end: the image's new
+ * clusters there need no zeros written (qcow_backend_ops.zero_tail). */
+static int
+next_zero_tail (void *opaque, uint64_t *start)
+{
+  uint64_t off = 0, data_end = 0;
+  while (plugin_can_extents && off < plugin_size) {
+    uint32_t n = plugin_size - off > (1u << 30) ? 1u << 30 : plugin_size - off;
+    int err = 0;
+    lock_plugin ();
+    struct nbdkit_extents *x = nbdkit_extents_full (plugin, n, off, 0, &err);
+    unlock_plugin ();
+    if (!x)
+      return failed (err);
+    for (size_t i = 0; i < nbdkit_extents_count (x); i++) {
+      struct nbdkit_extent e = nbdkit_get_extent (x, i);
+      if (!(e.type & NBDKIT_EXTENT_ZERO))
+        data_end = e.offset + e.length;
+    }
+    nbdkit_extents_free (x);
+    off += n;
+  }
+  *start = plugin_can_extents ? data_end : plugin_size;
+  return 0;
+}
+
+/* Open a shared context; fill in what the plugin can do.  -1 with
+ * plugin still NULL if the context cannot be opened at all. */
 static int
 open_plugin (nbdkit_backend *backend)
 {
   int r;
-  plugin = nbdkit_next_context_open (backend, params.config.read_only, "", 1);
-  if (!plugin) {
-    nbdkit_error ("qcow: cannot open the plugin below the filter");
+  nbdkit_next *n = nbdkit_next_context_open (backend, params.config.read_only, "", 1);
+  if (!n)
+    return -1;
+  if (n->prepare (n) == -1) {
+    n->finalize (n);
+    nbdkit_next_context_close (n);
     return -1;
   }
-  if (plugin->prepare (plugin) == -1)
-    return -1;
+  plugin = n;
   int64_t size = plugin->get_size (plugin);
   if (size == -1)
     return -1;
@@ -245,8 +279,19 @@ open_plugin (nbdkit_backend *backend)
     plugin_can_flush = flush;
     plugin_can_trim = trim;
     plugin_can_fast_zero = fast_zero && plugin->can_zero (plugin) > 0;
+    plugin_can_extents = plugin->can_extents (plugin) == 1;
   }
   return 0;
+}
+
+static void
+close_plugin (void)
+{
+  if (plugin) {
+    plugin->finalize (plugin);
+    nbdkit_next_context_close (plugin);
+    plugin = NULL;
+  }
 }
 
 static const char *
@@ -269,25 +314,25 @@ holds_qcow2 (bool *yes)
   return 0;
 }
 
-/* The image, validated here: a bad one stops nbdkit at start-up. */
+/* Open the image on the plugin's data, FIRST: create it if asked, and
+ * run the start-up checks. */
 static int
-filter_after_fork (nbdkit_backend *backend)
+open_image (bool first)
 {
   struct qcow_backend_ops ops = {
     .pread = next_pread, .get_size = next_get_size,
   };
   struct qcow_backend *b;
-  if (open_plugin (backend) < 0)
-    return -1;
   if (!params.config.read_only) {
     ops.pwrite = next_pwrite;
     ops.flush = next_flush;
     if (plugin_can_trim || plugin_can_fast_zero)
       ops.discard = next_discard;
+    ops.zero_tail = next_zero_tail;
   }
   if (qcow_backend_new (&ops, NULL, name (), &b) < 0)
     return -1;
-  if (params.create_mode) {
+  if (first && params.create_mode) {
     bool exists;
     if (params.config.read_only) {
       nbdkit_error ("%s: qcow-create: the plugin's data is read-only", name ());
@@ -307,17 +352,16 @@ filter_after_fork (nbdkit_backend *backend)
   }
   if (qcow_connect_backend (b, &params.config, &image) < 0)
     return -1;
-  if (params_ready (&params, image, name ()) < 0)
-    return -1;
-  return qcow_start_background (image) < 0 ? -1 : 0;
+  if (first)
+    return params_ready (&params, image, name ());
+  return params.config.read_only ? 0 : qcow_lock_write (image) < 0 ? -1 : 0;
  fail:
   qcow_backend_free (b);
   return -1;
 }
 
-/* The image is closed (flushed, marked clean) before the plugin. */
 static void
-filter_cleanup (nbdkit_backend *backend)
+close_image (void)
 {
   if (image) {
     if (qcow_debug_stats)
@@ -325,11 +369,55 @@ filter_cleanup (nbdkit_backend *backend)
     qcow_disconnect (image);
     image = NULL;
   }
-  if (plugin) {
-    plugin->finalize (plugin);
-    nbdkit_next_context_close (plugin);
-    plugin = NULL;
+  close_plugin ();
+}
+
+/* Validate (or create) the image before nbdkit forks into the background,
+ * so that a bad image stops nbdkit with exit status 1 in every mode: a
+ * context opened now, with the backend .config_complete saw, is closed
+ * again before the fork (the threads of plugins such as nbd do not
+ * survive it).  A plugin that cannot be opened this early (nbd with
+ * shared=true) is checked in .after_fork instead. */
+static int
+filter_get_ready (int thread_model)
+{
+  serialize = thread_model != NBDKIT_THREAD_MODEL_PARALLEL;
+  params.config.read_only = params_started_readonly ();
+  if (open_plugin (backend_early) < 0) {
+    if (plugin) {
+      close_plugin ();
+      return -1;
+    }
+    nbdkit_debug ("qcow: the plugin cannot be opened before the fork: the "
+                  "image is checked once nbdkit serves");
+    return 0;
   }
+  int r = open_image (true);
+  close_image ();
+  validated = r == 0;
+  return r;
+}
+
+/* The image for good: one shared context to the plugin for all
+ * connections, and the core's background thread. */
+static int
+filter_after_fork (nbdkit_backend *backend)
+{
+  if (open_plugin (backend) < 0) {
+    if (!plugin)
+      nbdkit_error ("%s: cannot open the plugin below the qcow filter", name ());
+    return -1;
+  }
+  if (open_image (!validated) < 0)
+    return -1;
+  return qcow_start_background (image) < 0 ? -1 : 0;
+}
+
+/* The image is closed (flushed, marked clean) before the plugin. */
+static void
+filter_cleanup (nbdkit_backend *backend)
+{
+  close_image ();
 }
 
 /* ---- connections: every one uses the shared image ---- */
