@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-filter-crash.sh - crash safety through the filter: the crash test
 # (tests/test-crash.sh, tests/crash-client.py) with the image served as
 # `nbdkit --filter=qcow file IMAGE`, IMAGE a fixed-size sparse file that

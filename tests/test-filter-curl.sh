@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-filter-curl.sh - a cloud image over HTTP: the filter, read-only,
 # over nbdkit's curl plugin, reading from a real web server (nginx, from
 # Debian) that the test starts on a loopback port and that serves byte
@@ -21,7 +22,9 @@
 
 . "$(dirname "$0")/functions.sh"
 export PATH=$PATH:/usr/sbin:/sbin
-require nginx guestfish qemu-img nbdkit nbdcopy mkfs.ext4 sfdisk
+require guestfish qemu-img nbdkit nbdcopy sfdisk
+requires nginx -v
+requires mkfs.ext4 -V
 
 export LIBGUESTFS_BACKEND_SETTINGS=force_tcg
 cd "$TMPD"

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-filter-file.sh - the filter over nbdkit's file plugin, on a raw
 # file that holds a qcow2 image made by qemu-img with free room after it
 # (the file is `truncate`d larger: storage that cannot grow, as a block
@@ -81,7 +82,7 @@ echo "== full device"
 img=$TMPD/full.qcow2
 qemu-img create -q -f qcow2 "$img" 64M
 truncate -s 8M "$img"
-SERVER_LOG=$TMPD/server.log start_child --filter="$QCOW_FILTER" file "$img"
+start_child "$sock" "$TMPD/server.log" --filter="$QCOW_FILTER" file "$img"
 
 EXPECT=$TMPD/expect.raw nbdsh -u "nbd+unix:///?socket=$sock" -c '
 import errno, os

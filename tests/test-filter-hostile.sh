@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-filter-hostile.sh - the hostile-image suite (tests/test-hostile.sh,
 # images damaged by tests/mkhostile.py) through the filter: every image
 # is served as `nbdkit --filter=qcow file IMAGE`.  Each must be refused at

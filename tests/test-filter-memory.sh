@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-filter-memory.sh - the filter over nbdkit's memory plugin: the
 # qcow2 image lives in the plugin's RAM disk, formatted at start-up by
 # qcow-create=true, and the seeded multi-connection random workload

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-filter-nbd.sh - the image on network storage: the filter over
 # nbdkit's nbd plugin, forwarding to a second NBD server that stores a
 # raw device.  The clients' server formats the device (qcow-create=true)

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-filter-xz.sh - an image shipped compressed as a whole:
 # `nbdkit --filter=qcow --filter=xz file disk.qcow2.xz` (and the gzip
 # filter likewise).  The xz filter below makes the storage read-only, so
