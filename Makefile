@@ -67,7 +67,7 @@ TOOLMAN := qcow-tool.1
 
 # Debian packages needed to build, test and benchmark.
 DEPS_BUILD = gcc clang make pkg-config nbdkit nbdkit-plugin-dev zlib1g-dev libzstd-dev perl
-DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools fdisk e2fsprogs valgrind
+DEPS_TEST  = qemu-utils libnbd-bin python3-libnbd fio libguestfs-tools fdisk e2fsprogs valgrind nginx xz-utils
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 .PHONY: all deps run check bench install clean fuzz fuzz-build unit examples deb deb-deps

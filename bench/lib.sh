@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: BSD-3-Clause
 # bench/lib.sh - shared by the bench/run-* section scripts (sourced, not run).
 #
-# Sets: top bench results runs so plugin_args qemu_opts data sockdir out;
+# Sets: top bench results runs so filter_so plugin_args qemu_opts data
+# sockdir out;
 # provides: die, parse_size, now, elapsed, start_server, stop_server,
 # rotate, record, check_image, require_space.
 #
@@ -19,6 +20,7 @@ results=$bench/results
 runs=${BENCH_RUNS:-3}
 plugin_args=(${BENCH_PLUGIN_ARGS:-})
 so=$(realpath -m "${QCOW_BUILD:-$top}/qcow.so")
+filter_so=$(realpath -m "${QCOW_BUILD:-$top}/qcow-filter.so")
 floor_so=$(realpath -m "${QCOW_BUILD:-$top}/bench-floor.so")
 out=${BENCH_OUT:?bench/lib.sh: run the sections through bench/run}
 py=/usr/bin/python3
@@ -55,6 +57,10 @@ if [[ -f $so ]]; then
     cp "$so" "$data/qcow.so"
     so=$data/qcow.so
 fi
+if [[ -f $filter_so ]]; then
+    cp "$filter_so" "$data/qcow-filter.so"
+    filter_so=$data/qcow-filter.so
+fi
 if [[ -f $floor_so ]]; then
     cp "$floor_so" "$data/bench-floor.so"
     floor_so=$data/bench-floor.so
@@ -82,17 +88,22 @@ rotate () {
 }
 
 # start_server [-r] SERVER IMAGE [PLUGIN-ARGS...]: start SERVER (plugin,
-# qemu, qemu-unmap (qemu with --discard=unmap) or raw) on IMAGE in the background (-r: read-only), set srv_pid
-# and uri, and return once it answers (1 if it does not).  PLUGIN-ARGS
-# are extra key=value parameters for the plugin.
+# filter (qcow-filter.so over nbdkit's file plugin), qemu, qemu-unmap
+# (qemu with --discard=unmap) or raw) on IMAGE in the background (-r:
+# read-only), set srv_pid and uri, and return once it answers (1 if it
+# does not).  PLUGIN-ARGS are extra key=value parameters for the plugin
+# (given to the filter with the qcow- prefix).
 start_server () {
     local ro=()
     if [[ $1 == -r ]]; then ro=(-r); shift; fi
-    local server=$1 img=$2 sock=$sockdir/$1.sock cmd; shift 2
+    local server=$1 img=$2 sock=$sockdir/$1.sock cmd a; shift 2
     rm -f "$sock"
     case $server in
         plugin) cmd=(nbdkit -f "${ro[@]}" -U "$sock" --exit-with-parent "$so" file="$img"
                      "${plugin_args[@]}" "$@") ;;
+        filter) cmd=(nbdkit -f "${ro[@]}" -U "$sock" --exit-with-parent
+                     --filter="$filter_so" file file="$img")
+                for a in "${plugin_args[@]}" "$@"; do cmd+=("qcow-$a"); done ;;
         qemu)   cmd=(qemu-nbd "${ro[@]}" -k "$sock" "${qemu_opts[@]}" "$img") ;;
         qemu-unmap)     # a reference where discarding matters
                 cmd=(qemu-nbd "${ro[@]}" -k "$sock" "${qemu_opts[@]}" --discard=unmap "$img") ;;

@@ -30,8 +30,8 @@ import json
 import statistics
 import sys
 
-SERVERS = [("plugin", "plugin"), ("qemu", "qemu-nbd"),
-           ("raw", "raw (file plugin)")]
+SERVERS = [("plugin", "plugin"), ("filter", "filter (over file)"),
+           ("qemu", "qemu-nbd"), ("raw", "raw (file plugin)")]
 
 
 def parse_size(text):
@@ -105,18 +105,26 @@ def markdown(head, lines):
 
 def table(path):
     rows, fails, rss = read_results(path)
-    names = [name for _, name in SERVERS]
+    # Only the servers that ran (BENCH_SERVERS may choose some).
+    present = {server for row in rows.values() for server in row} | \
+              {server for _, server in fails} | {server for server, _ in rss}
+    servers = [(s, name) for s, name in SERVERS if s in present]
+    names = [name for _, name in servers]
     main, spread = [], []
+    pairs = [(a, b, f"{an}/{bn}") for a, b, an, bn in
+             [("plugin", "qemu", "plugin", "qemu-nbd"),
+              ("plugin", "raw", "plugin", "raw"),
+              ("filter", "plugin", "filter", "plugin")]
+             if a in present and b in present]
 
     def ratios(med):
-        return [ratio(med["plugin"], med["qemu"]),
-                ratio(med["plugin"], med["raw"])]
+        return [ratio(med.get(a), med.get(b)) for a, b, _ in pairs]
 
     for row_id, row in rows.items():
         label = row["label"] if row["unit"] == "-" else \
             f"{row['label']} ({row['unit']})"
         med, cells, ranges = {}, [], []
-        for server, _ in SERVERS:
+        for server, _ in servers:
             values = row.get(server, [])
             failed = fails.get((row_id, server), 0)
             med[server] = statistics.median(values) \
@@ -132,19 +140,19 @@ def table(path):
 
     def rss_row(label, units):
         med = {}
-        for server, _ in SERVERS:
+        for server, _ in servers:
             kib = [rss[server, u] for u in units if (server, u) in rss]
             med[server] = max(kib) / 1024 if kib else None
         main.append([label] +
                     [f"{med[s]:.1f}" if med[s] is not None else "–"
-                     for s, _ in SERVERS] + ratios(med))
+                     for s, _ in servers] + ratios(med))
 
     units = sorted({u for _, u in rss})
     rss_row("peak RSS, MiB (lower is better)", units)
     if "IOPS" in units and len(units) > 1:
         rss_row("peak RSS in the 4k workloads, MiB", ["IOPS"])
 
-    out = markdown(["workload"] + names + ["plugin/qemu-nbd", "plugin/raw"],
+    out = markdown(["workload"] + names + [name for _, _, name in pairs],
                    main)
     out += ["", "Spread over the runs (min–max):", ""]
     out += markdown(["workload"] + names, spread)

@@ -15,6 +15,9 @@
 #   SANITIZE=1    nbdkit (and only nbdkit) runs with libasan + libubsan
 #                 preloaded, so the sanitized plugin can be loaded
 #   QCOW_VALGRIND=1  nbdkit runs under valgrind (errors fail the test)
+#   QCOW_VIA=filter  the helpers that serve an image (serve_args,
+#                 plugin_raw, nbdsh_plugin) use the filter over nbdkit's
+#                 file plugin instead of the plugin (see serve_args)
 #
 # and the functions documented below.  Exit status conventions: 0 pass,
 # 77 skip, anything else fail.
@@ -266,10 +269,41 @@ raw_of ()
     qemu-img convert -f qcow2 -O raw "$1" "$2" || die "qemu-img convert $1 failed"
 }
 
+# serve_args FILE [PARAM=VALUE...]: set the array $SERVE to the nbdkit
+# arguments that serve the qcow2 image FILE with these plugin parameters:
+#   "$QCOW_SO" file=FILE PARAM=VALUE...                     (default)
+#   --filter="$QCOW_FILTER" file FILE qcow-PARAM=VALUE...   (QCOW_VIA=filter)
+# The file plugin's storage cannot grow: with QCOW_VIA=filter, a create=
+# with size=SIZE first makes FILE a sparse file of 2 * SIZE + 16 MiB if it
+# does not exist, for the image to live in.  Example:
+#   serve_args "$img" create=true size=64M
+#   start_child "$sock" "" "${SERVE[@]}"
+serve_args ()
+{
+    local file=$1 p create= size=
+    shift
+    if [ "${QCOW_VIA:-plugin}" = plugin ]; then
+        SERVE=("$QCOW_SO" file="$file" "$@")
+        return 0
+    fi
+    [ "$QCOW_VIA" = filter ] || die "QCOW_VIA=$QCOW_VIA: want plugin or filter"
+    SERVE=(--filter="$QCOW_FILTER" file "$file")
+    for p in "$@"; do
+        case "$p" in
+        create=*) create=${p#create=} ;;
+        size=*) size=$(numfmt --from=iec "${p#size=}") || die "serve_args: bad $p" ;;
+        esac
+        SERVE+=("qcow-$p")
+    done
+    if [ -n "$create" ] && [ "$create" != false ] && [ -n "$size" ] && [ ! -e "$file" ]; then
+        truncate -s $(( 2 * size + (16 << 20) )) "$file" || die "serve_args: cannot make $file"
+    fi
+}
+
 # plugin_raw FILE OUT [NBDKIT-ARGS...]: the guest contents of FILE, as read
-# through the plugin with nbdcopy.  NBDKIT-ARGS that start with "-" are
-# nbdkit options (e.g. -r, --filter=cache, -t4: give option values in the
-# same word), the others plugin parameters.
+# through the plugin (or the filter: QCOW_VIA) with nbdcopy.  NBDKIT-ARGS
+# that start with "-" are nbdkit options (e.g. -r, --filter=cache, -t4:
+# give option values in the same word), the others plugin parameters.
 plugin_raw ()
 {
     local file=$1 out=$2
@@ -277,14 +311,15 @@ plugin_raw ()
     local -a opts=() params=()
     _qcow_split_args "$@"
     rm -f "$out"
-    QCOW_OUT=$out nbdkit -U - "${opts[@]}" "$QCOW_SO" file="$file" "${params[@]}" \
+    serve_args "$file" "${params[@]}"
+    QCOW_OUT=$out nbdkit -U - "${opts[@]}" "${SERVE[@]}" \
         --run 'nbdcopy "$uri" "$QCOW_OUT"' ||
         die "reading $file through the plugin failed"
 }
 
 # nbdsh_plugin FILE [NBDKIT-ARGS...] -- NBDSH-ARGS...: run nbdsh connected
-# to a private nbdkit serving FILE (no socket: nbdkit -s).  The handle is
-# "h" as usual.  Example:
+# to a private nbdkit serving FILE (no socket: nbdkit -s; the plugin, or
+# the filter with QCOW_VIA=filter).  The handle is "h" as usual.  Example:
 #   nbdsh_plugin "$img" -r -- -c 'assert h.is_read_only()'
 nbdsh_plugin ()
 {
@@ -299,8 +334,9 @@ nbdsh_plugin ()
     shift
     local -a opts=() params=()
     _qcow_split_args "${pre[@]}"
+    serve_args "$file" "${params[@]}"
     QCOW_ARGV=$(printf '%s\n' nbdkit -s --exit-with-parent "${opts[@]}" \
-                       "$QCOW_SO" file="$file" "${params[@]}") \
+                       "${SERVE[@]}") \
         nbdsh -c 'import os
 h.connect_command(os.environ["QCOW_ARGV"].rstrip("\n").split("\n"))' "$@"
 }
@@ -380,5 +416,6 @@ assert_same ()
     cmp "$1" "$2" >&2 || die "${3:-$1 and $2} differ"
 }
 
-# The plugin and tool must be built before the tests run.
+# The plugin, filter and tool must be built before the tests run.
 [ -f "$QCOW_SO" ] || die "$QCOW_SO not found: run make (or set QCOW_BUILD)"
+[ -f "$QCOW_FILTER" ] || die "$QCOW_FILTER not found: run make (or set QCOW_BUILD)"

@@ -22,6 +22,9 @@
 #
 #   SEED=N                    reproduce a run (always printed)
 #   QCOW_CRASH_ROUNDS=N       number of rounds (default 8)
+#   QCOW_VIA=filter           through the filter over nbdkit's file plugin,
+#                             the image inside a fixed-size file
+#                             (tests/test-filter-crash.sh; functions.sh)
 
 . "$(dirname "$0")/functions.sh"
 requires qemu-img --version
@@ -94,8 +97,9 @@ for (( round = 1; round <= rounds; round++ )); do
     echo "== round $round: seed $seed, cluster $cluster, lazy refcounts $lazy, kill after ${kill_after}s"
 
     rm -f "$img" "$TMPD"/*.raw
-    start_child "$sock" "" "$QCOW_SO" file="$img" create=true size=64M \
+    serve_args "$img" create=true size=64M \
         cluster-size="$cluster" lazy-refcounts="$lazy"
+    start_child "$sock" "" "${SERVE[@]}"
     $py "$client" run "$sock" "$SERVER_PID" "$state" --seed "$seed" \
         --kill-after "$kill_after" --cluster "$cluster" --image "$img" ||
         fail "round $round: crash client failed"
@@ -130,7 +134,8 @@ for (( round = 1; round <= rounds; round++ )); do
     run=$(printf ' %q' $py "$TESTS_DIR/random-model.py" --seed "$seed" \
           --cluster "$cluster" --seconds 1.5 --base "$TMPD/plugin.raw" \
           --out "$TMPD/model.raw")
-    nbdkit -U - "$QCOW_SO" file="$img" --run "$run \"\$unixsocket\"" ||
+    serve_args "$img"
+    nbdkit -U - "${SERVE[@]}" --run "$run \"\$unixsocket\"" ||
         fail "round $round: workload after the crash failed"
     status=0
     qemu-img check -q -f qcow2 "$img" >/dev/null 2>&1 || status=$?

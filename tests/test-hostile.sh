@@ -13,7 +13,9 @@
 # range fail, and the server does not crash.  A refcount block pointer
 # that is bad must never lead to other metadata being overwritten, and an
 # image marked corrupt is refused or served read-only.  Each case prints
-# its name; the test fails if any case misbehaves.
+# its name; the test fails if any case misbehaves.  With QCOW_VIA=filter
+# (tests/test-filter-hostile.sh) every image is served by the filter over
+# nbdkit's file plugin instead (tests/functions.sh: serve_args).
 
 . "$(dirname "$0")/functions.sh"
 requires qemu-img --version
@@ -92,11 +94,16 @@ sane ()
 }
 
 # start_status [NBDKIT-OPTS...]: try to start nbdkit on $img, stopping
-# straight away if it starts.  Sets $status; stderr in $TMPD/err.
+# straight away if it starts: nbdkit -s with no client (stdin empty)
+# exits 0 once it has opened the image, 1 if it refused it.  (Not --run:
+# the filter checks the image in .after_fork, after nbdkit has started
+# the --run command, whose exit status would then win the race.)  Sets
+# $status; stderr in $TMPD/err.
 start_status ()
 {
     status=0
-    timeout 20 nbdkit -U - "$@" "$QCOW_SO" file="$img" --run 'exit 0' \
+    serve_args "$img"
+    timeout 20 nbdkit -s "$@" "${SERVE[@]}" </dev/null >/dev/null \
         2>"$TMPD/err" || status=$?
 }
 
@@ -163,7 +170,8 @@ expect_refused_or_served ()
     qemu-img convert -U -f qcow2 -O raw "$img" "$TMPD/want.raw"
     rm -f "$TMPD/got.raw"
     status=0
-    timeout 20 nbdkit -U - -r "$QCOW_SO" file="$img" \
+    serve_args "$img"
+    timeout 20 nbdkit -U - -r "${SERVE[@]}" \
         --run 'nbdcopy "$uri" "$TMPD/got.raw"' 2>"$TMPD/err" || status=$?
     sane "$status" || return 0
     [ "$status" = 0 ] || { bad "reading it through the plugin failed"; return 0; }
@@ -222,7 +230,7 @@ expect_eio ()
     [ "$status" = 0 ] || { bad "read-write checks failed"; return 0; }
     echo "    ok (EIO when touched)"
 }
-export -f nbdsh_plugin _qcow_split_args die
+export -f nbdsh_plugin serve_args _qcow_split_args die
 
 # ---------------------------------------------------------------------------
 # Refused at start-up: header fields, both versions where they apply.
