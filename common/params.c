@@ -96,6 +96,8 @@ params_config (struct params *p, const char *key, const char *value)
     return (p->lazy_refcounts = nbdkit_parse_bool (value)) == -1 ? -1 : 1;
   if (strcmp (key, "compact-after-unmaps") == 0)
     return parse_size (value, &c->compact_after_unmaps);
+  if (strcmp (key, "compact-rate") == 0)
+    return parse_size (value, &c->compact_rate);
   if (strcmp (key, "keep-erased") == 0)
     return parse_size (value, &c->keep_erased);
   if (strcmp (key, "backing") == 0) {

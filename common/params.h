@@ -60,6 +60,7 @@ int params_ready (const struct params *p, struct qcow *q, const char *name);
   P "backing-format=qcow2|raw  Its format (unrecorded formats open as raw).\n" \
   P "data-file=<PATH>      Use this external data file instead of the header's.\n" \
   P "compact-after-unmaps=<SIZE>  Compact in the background once SIZE was freed.\n" \
+  P "compact-rate=<SIZE>   Bytes it moves a second at most (default 64M; 0: no limit).\n" \
   P "keep-erased=<SIZE>    Free space compaction keeps at the end of the file."
 
 #endif /* QCOW_PARAMS_H */

@@ -276,6 +276,30 @@ write_rct (struct qcow *q)
   return r;
 }
 
+static bool
+links_unsynced (struct qcow *q)
+{
+  return __atomic_load_n (&q->link_seq, __ATOMIC_SEQ_CST) !=
+         __atomic_load_n (&q->link_synced, __ATOMIC_SEQ_CST);
+}
+
+/* io_sync, and then every link made before it started is durable (its
+ * data was written before the link was made). */
+int
+sync_links (struct qcow *q)
+{
+  uint64_t seq = __atomic_load_n (&q->link_seq, __ATOMIC_SEQ_CST);
+  int r = io_sync (q);
+  if (r == 0) {
+    uint64_t cur = __atomic_load_n (&q->link_synced, __ATOMIC_SEQ_CST);
+    while (seq > cur &&
+           !__atomic_compare_exchange_n (&q->link_synced, &cur, seq, false,
+                                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+      ;
+  }
+  return r;
+}
+
 /* Write all dirty metadata so that at every instant the file on disk is
  * consistent: new clusters (data and tables) and refcount increases are
  * durable before any table that points to them. */
@@ -296,15 +320,19 @@ metadata_sync (struct qcow *q)
     if ((r = cache_write_dirty (q, &q->refblock_cache)) < 0)
       return r;
     if (q->rct_dirty) {
-      if (!lazy && (r = io_sync (q)) < 0)      /* blocks before the table */
+      if (!lazy && (r = sync_links (q)) < 0)   /* blocks before the table */
         return r;
       if ((r = write_rct (q)) < 0)
         return r;
     }
+    if (!lazy)
+      note_link (q);            /* refcounts before the references */
   }
   if (l2dirty || l1dirty) {
-    /* data and refcounts before the L2 entries that point to them */
-    if (q->data_unsynced && (r = io_sync (q)) < 0)
+    /* data and refcounts before the L2 entries that point to them: new
+     * links (note_link) not yet covered by a sync; data written in place
+     * is no reason to sync here */
+    if (links_unsynced (q) && (r = sync_links (q)) < 0)
       return r;
     if ((r = cache_write_dirty (q, &q->l2_cache)) < 0)
       return r;

@@ -5,10 +5,35 @@
  * Each move is crash-safe: copy, flush, switch the reference, flush, and
  * only then free the old cluster (freeing goes through the deferred-free
  * list, which also waits for requests that still use the old mapping).
- * Client I/O goes on meanwhile: only writes to a cluster being moved wait
- * (it is marked in flight, like an allocation), and the image lock is
- * held only for short metadata steps. */
+ *
+ * It runs while clients keep the image busy (the background thread,
+ * compact-after-unmaps=), so it must neither stall nor hold them up:
+ *
+ *  - Data clusters move in batches (up to 4 MiB).  A batch is chosen
+ *    with io_lock held exclusively, which waits only for the requests in
+ *    flight (a request that looked up an old mapping has finished then);
+ *    later writes to a cluster of the batch do not wait: they mark the
+ *    move off (note_write) and go to the old place.  The batch is copied
+ *    and synced with no lock held, then switched under q->lock, except
+ *    the moves a write called off: those clusters are tried again, and
+ *    after OPTIMISTIC_TRIES the writes to them wait for their copy (not
+ *    for the sync: the switch is then a link like an allocating write's,
+ *    see note_link, and the next metadata write-back syncs first).
+ *  - A batch makes its switches durable only with the next flush (a
+ *    client's, or the commit below): no sync under any lock for it, and
+ *    no flush_lock a client's flush would wait for.
+ *  - Every COMMIT_SECONDS it commits: flush (switches durable, old
+ *    clusters freed), apply the frees, including those a client's flush
+ *    took and queued for the background thread (which is this thread),
+ *    and truncate the file after the last cluster in use.  So the file
+ *    shrinks while the clients work, not only at the end.
+ *  - In the background it paces itself to cfg.compact_rate bytes a
+ *    second, and stops early when the thread is told to.
+ *
+ * Locks: compact_lock for the whole run; then io_lock (exclusive, short)
+ * before q->lock, or flush_lock (flush_all) on its own. */
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -18,9 +43,14 @@ struct source {
   uint64_t host;           /* host cluster number */
   enum src_kind kind;
   uint64_t key;            /* guest cluster, L1 index or refcount table index */
+  unsigned tries;          /* moves called off by writes so far */
 };
 
-#define BATCH 64
+#define BATCH_BYTES (4u << 20) /* data copied per batch, at most */
+#define BATCH_MAX 1024         /* clusters per batch, at most */
+#define OPTIMISTIC_TRIES 2     /* then writes to the cluster wait for its copy */
+#define COMMIT_SECONDS 1.0     /* make moves durable and truncate this often */
+#define SCAN_MAX 65536         /* refcounts looked at per exclusive lock hold */
 
 static int
 cmp_source_desc (const void *a, const void *b)
@@ -29,47 +59,105 @@ cmp_source_desc (const void *a, const void *b)
   return x->host < y->host ? 1 : x->host > y->host ? -1 : 0;
 }
 
+static int
+cmp_mark (const void *a, const void *b)
+{
+  const struct move_mark *x = a, *y = b;
+  return x->gc < y->gc ? -1 : x->gc > y->gc;
+}
+
 struct srclist {
   struct source *v;
   size_t n, cap;
 };
 
 static int
-add_source (struct srclist *l, uint64_t host, enum src_kind kind, uint64_t key)
+add_source (struct srclist *l, struct source s)
 {
   struct source *v = grow_array (l->v, l->n, &l->cap, sizeof *v, 256);
   if (!v)
     return -ENOMEM;
   l->v = v;
-  l->v[l->n++] = (struct source) { host, kind, key };
+  l->v[l->n++] = s;
   return 0;
 }
 
-/* Used clusters, and the last used one + 1.  With q->lock held. */
+static double
+now (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* What one run did and the longest each client could have waited for it
+ * (seconds), for the debug message of the background thread. */
+struct compact_report {
+  double seconds;
+  uint64_t batches, called_off, held_moves, commits, flushes;
+  double excl;             /* io_lock wanted or held exclusively */
+  double lock;             /* q->lock held in a batch */
+  double held;             /* writes to a cluster held by its move */
+  double flush;            /* a commit's flush (flush_lock held) */
+};
+
+static void
+longest (double *m, double t)
+{
+  if (t > *m)
+    *m = t;
+}
+
+/* One run of compaction. */
+struct run {
+  struct qcow *q;
+  struct qcow_compact_result *res;
+  struct compact_report rep;
+  struct srclist l;        /* sources, highest first */
+  size_t pos;              /* next in l */
+  struct srclist retry;    /* moves called off, to try again first */
+  bool no_room;            /* no free cluster below the next source */
+  size_t batch;            /* clusters per batch */
+  bool paced;              /* background, with a rate */
+  double start, last_commit;
+  uint64_t flushes_seen;   /* q->flushes_done at the last commit */
+  uint64_t paced_bytes;    /* bytes moved (or copied in vain) so far */
+};
+
+/* Clusters in use, and the last used one + 1.  Takes q->lock one
+ * refcount block at a time (the image may change meanwhile: a bound). */
 static int
 count_used (struct qcow *q, uint64_t *used, uint64_t *end)
 {
+  int r = 0;
+  *used = *end = 0;
+  pthread_mutex_lock (&q->lock);
   uint64_t limit = div_round_up (q->file_size, q->cluster_size);
   if (q->frontier > limit)
     limit = q->frontier;
-  *used = *end = 0;
-  for (uint64_t c = 0; c < limit; c++) {
-    uint64_t idx = c >> q->rb_bits, rc;
-    if (idx >= q->rct_entries)
+  pthread_mutex_unlock (&q->lock);
+  for (uint64_t c = 0; r == 0 && c < limit; ) {
+    uint64_t idx = c >> q->rb_bits, next = (idx + 1) << q->rb_bits;
+    pthread_mutex_lock (&q->lock);
+    if (idx >= q->rct_entries) {
+      pthread_mutex_unlock (&q->lock);
       break;
-    if (q->rct[idx] == 0) {
-      c |= (1ULL << q->rb_bits) - 1;     /* whole block range is free */
-      continue;
     }
-    int r = rc_get (q, c, &rc);
-    if (r < 0)
-      return r;
-    if (rc) {
-      (*used)++;
-      *end = c + 1;
+    if (q->rct[idx] != 0) {
+      for (; c < next && c < limit; c++) {
+        uint64_t rc;
+        if ((r = rc_get (q, c, &rc)) < 0)
+          break;
+        if (rc) {
+          (*used)++;
+          *end = c + 1;
+        }
+      }
     }
+    pthread_mutex_unlock (&q->lock);
+    c = next;
   }
-  return 0;
+  return r;
 }
 
 /* Everything that lives at host cluster >= BOUND and can be moved. */
@@ -81,9 +169,11 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
   uint8_t *buf = malloc (cs);
   if (!buf)
     return -ENOMEM;
+  pthread_mutex_lock (&q->lock);
   for (uint64_t j = 0; j < q->rct_entries && r == 0; j++)
     if (q->rct[j] && (q->rct[j] >> q->cluster_bits) >= bound)
-      r = add_source (l, q->rct[j] >> q->cluster_bits, SRC_REFBLOCK, j);
+      r = add_source (l, (struct source) { q->rct[j] >> q->cluster_bits, SRC_REFBLOCK, j, 0 });
+  pthread_mutex_unlock (&q->lock);
   for (uint64_t i = 0; i < q->h.l1_size && r == 0; i++) {
     pthread_mutex_lock (&q->lock);        /* one L2 table at a time */
     uint64_t l2off = i < q->h.l1_size ? q->l1[i] & L1_OFFSET_MASK : 0;
@@ -94,7 +184,7 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
     if (r < 0 || !e)
       continue;
     if ((l2off >> q->cluster_bits) >= bound)
-      r = add_source (l, l2off >> q->cluster_bits, SRC_L2, i);
+      r = add_source (l, (struct source) { l2off >> q->cluster_bits, SRC_L2, i, 0 });
     for (uint64_t j = 0; j < (1ULL << q->l2_bits) && r == 0; j++) {
       uint64_t ent = rd64 (L2E (q, buf, j)), host = ent & L2_OFFSET_MASK;
       if (ent & ENTRY_COMPRESSED || !host || q->data_path ||
@@ -103,8 +193,9 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
       bool zero = q->h.version >= 3 && (ent & ENTRY_ZERO);
       if (!(ent & ENTRY_COPIED))
         continue;                           /* shared: leave it */
-      r = add_source (l, host >> q->cluster_bits, zero ? SRC_ZERO_ALLOC : SRC_DATA,
-                      (i << q->l2_bits) + j);
+      r = add_source (l, (struct source) { host >> q->cluster_bits,
+                                           zero ? SRC_ZERO_ALLOC : SRC_DATA,
+                                           (i << q->l2_bits) + j, 0 });
     }
   }
   free (buf);
@@ -113,9 +204,10 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
   return r;
 }
 
-/* Is S still what lives at its host cluster?  With q->lock held. */
+/* Is S still what lives at its host cluster?  Its mapping in *M (data
+ * sources).  With q->lock held. */
 static int
-still_valid (struct qcow *q, const struct source *s, bool *ok)
+still_valid (struct qcow *q, const struct source *s, bool *ok, struct cmap *m)
 {
   *ok = false;
   switch (s->kind) {
@@ -127,16 +219,22 @@ still_valid (struct qcow *q, const struct source *s, bool *ok)
           (q->l1[s->key] & ENTRY_COPIED);
     return 0;
   default: {
-    struct cmap m;
-    int r = l2_lookup (q, s->key, &m);
+    int r = l2_lookup (q, s->key, m);
     if (r < 0)
       return r;
     enum ckind want = s->kind == SRC_DATA ? (q->extl2 ? C_SUBCL : C_DATA) : C_ZERO_ALLOC;
-    *ok = m.host == s->host << q->cluster_bits && m.copied && m.kind == want &&
+    *ok = m->host == s->host << q->cluster_bits && m->copied && m->kind == want &&
           !inflight_find (q, s->key);
     return 0;
   }
   }
+}
+
+static bool
+same_mapping (const struct cmap *a, const struct cmap *b)
+{
+  return a->kind == b->kind && a->host == b->host && a->copied == b->copied &&
+         (a->kind != C_SUBCL || a->bitmap == b->bitmap);
 }
 
 /* A free cluster below LIMIT, or 0. */
@@ -188,92 +286,219 @@ move_table (struct qcow *q, const struct source *s, uint64_t dst)
   return 0;
 }
 
-/* Move up to BATCH sources, highest first.  Returns the number moved in
- * *MOVED, and 0 in *MOVED when nothing can move any more. */
-static int
-move_batch (struct qcow *q, struct srclist *l, size_t *pos,
-            struct qcow_compact_result *res, size_t *moved)
+/* A write is about to reach guest clusters [FIRST, LAST]: call off the
+ * moves of any of them in the current batch (q->moving, sorted). */
+void
+compact_note_write (struct qcow *q, uint64_t first, uint64_t last)
 {
-  struct { struct source s; uint64_t dst; struct inflight f; } data[BATCH];
-  size_t nd = 0;
+  size_t lo = 0, hi = q->nmoving;
+  while (lo < hi) {                         /* first mark with gc >= FIRST */
+    size_t mid = lo + (hi - lo) / 2;
+    if (q->moving[mid].gc < first)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  for (; lo < q->nmoving && q->moving[lo].gc <= last; lo++)
+    q->moving[lo].written = true;
+}
+
+static struct move_mark *
+find_mark (struct qcow *q, uint64_t gc)
+{
+  struct move_mark key = { .gc = gc };
+  return bsearch (&key, q->moving, q->nmoving, sizeof key, cmp_mark);
+}
+
+/* A data cluster of the current batch. */
+struct item {
+  struct source s;
+  uint64_t dst;
+  struct cmap m;           /* its mapping when the batch was chosen */
+  bool hold;               /* writes to it wait (an inflight mark) */
+  bool copied, done;
+  struct inflight f;
+};
+
+static int
+copy_item (struct qcow *q, struct item *it, uint8_t *buf, struct qcow_compact_result *res)
+{
+  int r = 0;
+  if (it->s.kind == SRC_DATA) {             /* zero flag: nothing to copy */
+    if ((r = io_pread (q, buf, q->cluster_size, it->s.host << q->cluster_bits)) == 0)
+      r = io_pwrite (q, buf, q->cluster_size, it->dst << q->cluster_bits);
+    res->copied += q->cluster_size / 512;
+  }
+  it->copied = r == 0;
+  return r;
+}
+
+/* Switch IT to its copy if nothing changed it (with q->lock held), else
+ * give the copy up and, if it is still a source, try again later. */
+static int
+switch_item (struct run *run, struct item *it, bool written, size_t *moved)
+{
+  struct qcow *q = run->q;
+  struct cmap m;
+  bool ok = false;
+  int r = 0;
+  if (it->copied && (r = still_valid (q, &it->s, &ok, &m)) == 0 && ok)
+    ok = !written && same_mapping (&m, &it->m);
+  if (r == 0 && ok) {
+    uint64_t ent = (it->dst << q->cluster_bits) | ENTRY_COPIED |
+                   (it->s.kind == SRC_ZERO_ALLOC ? ENTRY_ZERO : 0);
+    if ((r = l2_set (q, it->s.key, ent)) == 0) {
+      rc_defer_free (q, it->s.host);
+      (*moved)++;
+      run->res->refs_updated++;
+      return 0;
+    }
+  }
+  rc_free (q, it->dst, 1);                  /* never referenced */
+  if (r == 0 && it->copied && written) {
+    run->rep.called_off++;
+    struct source s = it->s;
+    s.tries++;
+    r = add_source (&run->retry, s);
+  }
+  return r;
+}
+
+/* Move up to run->batch sources, highest first (moves called off before
+ * first).  *MOVED gets the number moved. */
+static int
+move_batch (struct run *run, struct item *items, size_t *moved)
+{
+  struct qcow *q = run->q;
+  size_t n = 0, nmarks = 0;
   int r = 0;
   *moved = 0;
 
-  /* Mark the batch with no request in flight: a request that looked up
-   * an old mapping has finished, and later ones see the marks and wait
-   * for them (never the other way round, which could deadlock with a
-   * request waiting on a mark while holding io_lock). */
+  /* Choose with no request in flight: one that looked up an old mapping
+   * has finished, later ones see the marks (never the other way round: a
+   * request waiting on a hold mark while holding io_lock would deadlock
+   * with us). */
+  double t0 = now ();
   pthread_rwlock_wrlock (&q->io_lock);
   pthread_mutex_lock (&q->lock);
-  while (*pos < l->n && nd < BATCH) {
-    const struct source *s = &l->v[*pos];
-    bool ok;
-    if ((r = still_valid (q, s, &ok)) < 0)
+  while (n < run->batch) {
+    struct source s;
+    if (run->retry.n > 0)
+      s = run->retry.v[--run->retry.n];
+    else if (run->pos < run->l.n)
+      s = run->l.v[run->pos++];
+    else
       break;
-    if (!ok) {
-      (*pos)++;
+    struct cmap m;
+    bool ok;
+    if ((r = still_valid (q, &s, &ok, &m)) < 0)
+      break;
+    if (!ok)
       continue;
-    }
     uint64_t dst;
-    if ((r = alloc_below (q, s->host, &dst)) < 0)
+    if ((r = alloc_below (q, s.host, &dst)) < 0)
       break;
     if (dst == 0) {
-      *pos = l->n;                          /* no hole below: done */
+      run->no_room = true;                  /* no hole below: done */
       break;
     }
-    (*pos)++;
-    (*moved)++;
-    res->refs_updated++;
-    if (s->kind == SRC_L2 || s->kind == SRC_REFBLOCK) {
-      if ((r = move_table (q, s, dst)) < 0)
+    if (s.kind == SRC_L2 || s.kind == SRC_REFBLOCK) {
+      if ((r = move_table (q, &s, dst)) < 0)
         break;
+      (*moved)++;
+      run->res->refs_updated++;
       continue;
     }
-    data[nd].s = *s;
-    data[nd].dst = dst;
-    data[nd].f = (struct inflight) { .first = s->key, .count = 1, .next = q->inflight };
-    q->inflight = &data[nd].f;
-    nd++;
+    struct item *it = &items[n++];
+    *it = (struct item) { .s = s, .dst = dst, .m = m, .hold = s.tries >= OPTIMISTIC_TRIES };
+    if (it->hold) {
+      it->f = (struct inflight) { .first = s.key, .count = 1, .next = q->inflight };
+      q->inflight = &it->f;
+      run->rep.held_moves++;
+    }
+    else
+      q->moving[nmarks++] = (struct move_mark) { .gc = s.key };
   }
+  qsort (q->moving, nmarks, sizeof *q->moving, cmp_mark);
+  q->nmoving = nmarks;
   pthread_mutex_unlock (&q->lock);
   pthread_rwlock_unlock (&q->io_lock);
+  double t1 = now ();
+  longest (&run->rep.excl, t1 - t0);
+  run->paced_bytes += (*moved + n) * q->cluster_size;
 
-  if (nd > 0) {
-    uint8_t *buf = malloc (q->cluster_size);
-    if (!buf && r == 0)
-      r = -ENOMEM;
-    for (size_t i = 0; i < nd && r == 0; i++) {
-      if (data[i].s.kind != SRC_DATA)
-        continue;                           /* zero flag: nothing to copy */
-      if ((r = io_pread (q, buf, q->cluster_size, data[i].s.host << q->cluster_bits)) == 0)
-        r = io_pwrite (q, buf, q->cluster_size, data[i].dst << q->cluster_bits);
-      res->copied += q->cluster_size / 512;
-    }
-    free (buf);
-    if (r == 0)
-      r = io_sync (q);                      /* copies durable before the switch */
+  uint8_t *buf = n ? malloc (q->cluster_size) : NULL;
+  if (n && !buf && r == 0)
+    r = -ENOMEM;
+
+  /* Held moves first: copy, then switch at once, a link whose data is
+   * not synced yet (note_link): the writes waiting for them wait for
+   * their copy only. */
+  for (size_t i = 0; i < n && r == 0; i++)
+    if (items[i].hold)
+      r = copy_item (q, &items[i], buf, run->res);
+  if (n > nmarks) {
+    double t2 = now ();
     pthread_mutex_lock (&q->lock);
-    for (size_t i = 0; i < nd; i++) {
-      if (r == 0) {
-        uint64_t ent = (data[i].dst << q->cluster_bits) | ENTRY_COPIED |
-                       (data[i].s.kind == SRC_ZERO_ALLOC ? ENTRY_ZERO : 0);
-        r = l2_set (q, data[i].s.key, ent);
-        if (r == 0)
-          rc_defer_free (q, data[i].s.host);
+    for (size_t i = 0; i < n; i++) {
+      struct item *it = &items[i];
+      if (!it->hold)
+        continue;
+      struct cmap m;
+      int e = 0;
+      if (r == 0 && it->copied && (e = l2_lookup (q, it->s.key, &m)) == 0 &&
+          same_mapping (&m, &it->m)) {
+        uint64_t ent = (it->dst << q->cluster_bits) | ENTRY_COPIED |
+                       (it->s.kind == SRC_ZERO_ALLOC ? ENTRY_ZERO : 0);
+        if ((e = l2_set (q, it->s.key, ent)) == 0) {
+          note_link (q);
+          rc_defer_free (q, it->s.host);
+          (*moved)++;
+          run->res->refs_updated++;
+        }
       }
       else
-        rc_free (q, data[i].dst, 1);        /* never referenced */
-      for (struct inflight **pp = &q->inflight; *pp; pp = &(*pp)->next)
-        if (*pp == &data[i].f) {
-          *pp = data[i].f.next;
-          break;
-        }
+        e = e < 0 ? e : 1;
+      if (e != 0)
+        rc_free (q, it->dst, 1);            /* never referenced */
+      if (e < 0 && r == 0)
+        r = e;
+      inflight_remove (q, &it->f);
+      it->done = true;
     }
-    pthread_cond_broadcast (&q->alloc_cond);
     pthread_mutex_unlock (&q->lock);
+    double t3 = now ();
+    longest (&run->rep.held, t3 - t0);
+    longest (&run->rep.lock, t3 - t2);
   }
-  if (r == 0 && *moved > 0)
-    r = flush_all (q);                      /* switch durable, then free */
+
+  /* The rest: copy, sync, then switch what no write called off. */
+  for (size_t i = 0; i < n && r == 0; i++)
+    if (!items[i].done)
+      r = copy_item (q, &items[i], buf, run->res);
+  free (buf);
+  if (r == 0 && n > 0)
+    r = sync_links (q);                     /* copies durable before the switch
+                                               (and the held ones' links) */
+  double t4 = now ();
+  pthread_mutex_lock (&q->lock);
+  for (size_t i = 0; i < n; i++) {
+    struct item *it = &items[i];
+    if (it->done)
+      continue;
+    if (r < 0) {
+      rc_free (q, it->dst, 1);
+      continue;
+    }
+    struct move_mark *mk = find_mark (q, it->s.key);
+    int e = switch_item (run, it, mk && mk->written, moved);
+    if (e < 0)
+      r = e;
+  }
+  q->nmoving = 0;
+  pthread_mutex_unlock (&q->lock);
+  longest (&run->rep.lock, now () - t4);
+  run->rep.batches++;
   q->stats.compacted += *moved;
   return r;
 }
@@ -343,73 +568,92 @@ move_multi (struct qcow *q, bool l1, struct qcow_compact_result *res)
   return rc_free (q, old, n);
 }
 
-static int
-move_tables (struct qcow *q, uint64_t bound, struct qcow_compact_result *res)
+/* Does the L1 table (L1) or the refcount table end past BOUND?  With
+ * q->lock held. */
+static bool
+table_beyond (struct qcow *q, bool l1, uint64_t bound)
 {
+  if (l1)
+    return q->h.l1_size &&
+           div_round_up (q->h.l1_table_offset + (uint64_t) q->h.l1_size * 8,
+                         q->cluster_size) > bound;
+  return (q->h.refcount_table_offset >> q->cluster_bits) +
+         q->h.refcount_table_clusters > bound;
+}
+
+/* Move the L1 and refcount tables, if they lie past BOUND.  This stops
+ * all I/O for a few syncs, at the start and at the end of a run, and only
+ * when a table is that far out (a grown refcount table). */
+static int
+move_tables (struct run *run, uint64_t bound)
+{
+  struct qcow *q = run->q;
   int r = 0;
+  pthread_mutex_lock (&q->lock);
+  bool l1 = table_beyond (q, true, bound), rct = table_beyond (q, false, bound);
+  pthread_mutex_unlock (&q->lock);
+  if (!l1 && !rct)
+    return 0;
+  double t0 = now ();
   pthread_rwlock_wrlock (&q->io_lock);
   pthread_mutex_lock (&q->lock);
-  uint64_t l1_end = div_round_up (q->h.l1_table_offset + (uint64_t) q->h.l1_size * 8,
-                                  q->cluster_size);
-  uint64_t rct_end = (q->h.refcount_table_offset >> q->cluster_bits) +
-                     q->h.refcount_table_clusters;
-  if (q->h.l1_size && l1_end > bound)
-    r = move_multi (q, true, res);
-  if (r == 0 && rct_end > bound)
-    r = move_multi (q, false, res);
+  if (table_beyond (q, true, bound))
+    r = move_multi (q, true, run->res);
+  if (r == 0 && table_beyond (q, false, bound))
+    r = move_multi (q, false, run->res);
   pthread_mutex_unlock (&q->lock);
   pthread_rwlock_unlock (&q->io_lock);
+  longest (&run->rep.excl, now () - t0);
   return r;
 }
 
-int
-qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
-              struct qcow_compact_result *res)
+/* Apply the frees queued for the background thread: compaction's own,
+ * taken by a client's flush, and the clients'.  Until they are applied
+ * their clusters count as used, and the file cannot shrink past them. */
+static void
+apply_queued_frees (struct qcow *q)
 {
-  int r;
-  memset (res, 0, sizeof *res);
-  if (q->read_only) {
-    ERR (q, "image is open read-only");
-    return -EROFS;
-  }
-  pthread_mutex_lock (&q->compact_lock);
   pthread_mutex_lock (&q->lock);
-  r = begin_modify (q);
+  punch_queued (q);
   pthread_mutex_unlock (&q->lock);
-  if (r == 0)
-    r = flush_all (q);                      /* apply pending frees first */
-  uint64_t used = 0, end = 0;
-  struct srclist l = { 0 };
-  res->old_size = div_round_up (q->file_size, 512);
-  if (r == 0) {
-    pthread_mutex_lock (&q->lock);
-    r = count_used (q, &used, &end);
-    pthread_mutex_unlock (&q->lock);
-  }
-  if (r == 0 && used < end)
-    r = move_tables (q, used, res);
-  if (r == 0 && used < end)
-    r = collect_sources (q, used, &l);
-  size_t pos = 0, moved = 1;
-  while (r == 0 && moved > 0 && pos < l.n) {
-    r = move_batch (q, &l, &pos, res, &moved);
-    if (progress)
-      progress ((int) (pos * 100 / l.n), opaque);
-  }
-  free (l.v);
-  if (r == 0 && used < end)
-    r = move_tables (q, used, res);     /* room may have appeared below */
+}
 
-  /* Truncate after the last used cluster (keeping keep_erased bytes). */
-  if (r == 0) {
+/* Truncate the file after the last cluster in use (keeping keep_erased
+ * bytes), looking at no more than SCAN_MAX refcounts per exclusive hold
+ * of io_lock (a huge free tail is cut a piece at a time).  No request
+ * is in flight meanwhile, so nothing allocated past the end is still
+ * being written; clusters freed are unreferenced on disk already (the
+ * frees are deferred until then), so no sync is needed first. */
+static int
+truncate_tail (struct run *run)
+{
+  struct qcow *q = run->q;
+  const uint64_t keep = div_round_up (q->cfg.keep_erased, q->cluster_size);
+  int r = 0;
+  for (;;) {
+    double t0 = now ();
+    bool more = false;
     pthread_rwlock_wrlock (&q->io_lock);
     pthread_mutex_lock (&q->lock);
-    r = metadata_sync (q);
-    if (r == 0)
-      r = io_sync (q);
-    if (r == 0)
-      r = count_used (q, &used, &end);
-    uint64_t keep = div_round_up (q->cfg.keep_erased, q->cluster_size);
+    uint64_t limit = div_round_up (q->file_size, q->cluster_size);
+    if (q->frontier > limit)
+      limit = q->frontier;
+    uint64_t end = limit, looked = 0;
+    while (end > 0 && looked < SCAN_MAX) {
+      uint64_t c = end - 1, idx = c >> q->rb_bits, rc;
+      if (idx >= q->rct_entries || q->rct[idx] == 0) {
+        end = idx << q->rb_bits;            /* the whole block range is free */
+        looked++;
+        continue;
+      }
+      if ((r = rc_get (q, c, &rc)) < 0)
+        break;
+      if (rc)
+        break;
+      end--;
+      looked++;
+    }
+    more = r == 0 && looked >= SCAN_MAX && end > 0;
     uint64_t new_size = (end + keep) << q->cluster_bits;
     /* Storage of a fixed size keeps it: what is past END is free space,
      * given back cluster by cluster as it was freed. */
@@ -421,15 +665,179 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
         q->frontier = end + keep;
         if (q->free_hint > end)
           q->free_hint = end;
-        r = io_sync (q);
       }
     }
+    else
+      more = false;
     pthread_mutex_unlock (&q->lock);
     pthread_rwlock_unlock (&q->io_lock);
+    longest (&run->rep.excl, now () - t0);
+    if (!more || r < 0)
+      return r;
   }
+}
+
+/* Make the moves so far durable, free the old clusters, and cut the file
+ * after what is still in use.  While clients flush, their flushes make
+ * the moves durable and queue the frees for this thread: then there is
+ * no need to flush (and hold up the clients' next flushes) except to
+ * finish (FINAL). */
+static int
+commit (struct run *run, bool final)
+{
+  struct qcow *q = run->q;
+  int r = 0;
+  pthread_mutex_lock (&q->lock);
+  bool flushed = q->flushes_done != run->flushes_seen;
+  pthread_mutex_unlock (&q->lock);
+  if (final || !flushed) {
+    r = sync_links (q);                     /* the bulk of it, before flush_lock */
+    double t0 = now ();
+    if (r == 0)
+      r = flush_all (q);                    /* switches durable, then free */
+    longest (&run->rep.flush, now () - t0);
+    run->rep.flushes++;
+  }
+  pthread_mutex_lock (&q->lock);
+  run->flushes_seen = q->flushes_done;
+  pthread_mutex_unlock (&q->lock);
+  apply_queued_frees (q);
+  if (r == 0)
+    r = truncate_tail (run);
+  run->rep.commits++;
+  run->last_commit = now ();
+  return r;
+}
+
+static bool
+stopping (struct qcow *q)
+{
+  return qcow_in_background && __atomic_load_n (&q->bg_stop, __ATOMIC_RELAXED);
+}
+
+/* Keep to cfg.compact_rate: sleep until the bytes moved so far are due,
+ * applying queued frees meanwhile.  Woken early to stop. */
+static void
+pace (struct run *run)
+{
+  struct qcow *q = run->q;
+  if (!run->paced)
+    return;
+  double due = run->start + (double) run->paced_bytes / q->cfg.compact_rate;
+  pthread_mutex_lock (&q->lock);
+  while (!q->bg_stop) {
+    if (q->punch_head)
+      punch_queued (q);
+    double t = now ();
+    if (t >= due)
+      break;
+    struct timespec ts;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    double wake = ts.tv_sec + ts.tv_nsec * 1e-9 + (due - t);
+    ts.tv_sec = (time_t) wake;
+    ts.tv_nsec = (long) ((wake - ts.tv_sec) * 1e9);
+    pthread_cond_timedwait (&q->bg_cond, &q->lock, &ts);
+  }
+  pthread_mutex_unlock (&q->lock);
+}
+
+static int
+compact_run (struct qcow *q, qcow_progress_fn progress, void *opaque,
+             struct qcow_compact_result *res, struct compact_report *rep)
+{
+  int r;
+  struct run run = { .q = q, .res = res };
+  run.start = run.last_commit = now ();
+  run.paced = qcow_in_background && q->cfg.compact_rate > 0;
+  uint64_t bytes = BATCH_BYTES;
+  if (run.paced && q->cfg.compact_rate / 16 < bytes)
+    bytes = q->cfg.compact_rate / 16;       /* at least 16 batches a second */
+  run.batch = bytes / q->cluster_size;
+  if (run.batch < 1)
+    run.batch = 1;
+  if (run.batch > BATCH_MAX)
+    run.batch = BATCH_MAX;
+  struct item *items = calloc (run.batch, sizeof *items);
+  struct move_mark *marks = calloc (run.batch, sizeof *marks);
+  if (!items || !marks) {
+    free (items);
+    free (marks);
+    return -ENOMEM;
+  }
+
+  pthread_mutex_lock (&q->lock);
+  r = begin_modify (q);
+  q->moving = marks;
+  pthread_mutex_unlock (&q->lock);
+  if (r == 0)
+    r = flush_all (q);                      /* apply pending frees first */
+  apply_queued_frees (q);
+  uint64_t used = 0, end = 0;
+  res->old_size = div_round_up (q->file_size, 512);
+  if (r == 0)
+    r = count_used (q, &used, &end);
+  if (r == 0 && used < end)
+    r = move_tables (&run, used);
+  if (r == 0 && used < end)
+    r = collect_sources (q, used, &run.l);
+  while (r == 0 && !run.no_room && (run.pos < run.l.n || run.retry.n > 0) &&
+         !stopping (q)) {
+    size_t moved;
+    r = move_batch (&run, items, &moved);
+    if (progress && run.l.n)
+      progress ((int) (run.pos * 100 / run.l.n), opaque);
+    if (r == 0 && now () - run.last_commit >= COMMIT_SECONDS)
+      r = commit (&run, false);
+    if (r == 0)
+      pace (&run);
+  }
+  free (run.l.v);
+  free (run.retry.v);
+  pthread_mutex_lock (&q->lock);
+  bool tables = table_beyond (q, true, used) || table_beyond (q, false, used);
+  pthread_mutex_unlock (&q->lock);
+  if (r == 0 && used < end && tables && !stopping (q)) {
+    r = commit (&run, true);                /* room may have appeared below */
+    if (r == 0)
+      r = move_tables (&run, used);
+  }
+  if (r == 0)
+    r = commit (&run, true);
+
+  pthread_mutex_lock (&q->lock);
+  q->moving = NULL;
+  q->nmoving = 0;
+  pthread_mutex_unlock (&q->lock);
+  free (items);
+  free (marks);
   res->new_size = div_round_up (q->file_size, 512);
+  run.rep.seconds = now () - run.start;
+  *rep = run.rep;
   if (progress && r == 0)
     progress (100, opaque);
+  return r;
+}
+
+int
+qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
+              struct qcow_compact_result *res)
+{
+  memset (res, 0, sizeof *res);
+  if (q->read_only) {
+    ERR (q, "image is open read-only");
+    return -EROFS;
+  }
+  struct compact_report rep = { 0 };
+  pthread_mutex_lock (&q->compact_lock);
+  int r = compact_run (q, progress, opaque, res, &rep);
   pthread_mutex_unlock (&q->compact_lock);
+  if (qcow_in_background)
+    qcow_debugf ("%s: background compaction: %.3f s, %" PRIu64 " batches, %"
+                 PRIu64 " moves called off by writes, %" PRIu64 " held, %"
+                 PRIu64 " commits, %" PRIu64 " flushes; longest: io_lock exclusive %.1f ms, image "
+                 "lock %.1f ms, writes held %.1f ms, flush %.1f ms",
+                 q->filename, rep.seconds, rep.batches, rep.called_off,
+                 rep.held_moves, rep.commits, rep.flushes, rep.excl * 1e3, rep.lock * 1e3,
+                 rep.held * 1e3, rep.flush * 1e3);
   return r;
 }

@@ -18,6 +18,7 @@ qcow_config_default (struct qcow_config *cfg)
   memset (cfg, 0, sizeof *cfg);
   cfg->discard = true;
   cfg->locking = true;
+  cfg->compact_rate = QCOW_DEFAULT_COMPACT_RATE;
 }
 
 void

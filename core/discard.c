@@ -132,6 +132,8 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
   *nclusters = 0;
   pthread_mutex_lock (&q->lock);
   r = begin_modify (q);
+  if (count > 0)                /* (v2 writes zeros in place) */
+    note_write (q, offset / cs, (offset + count - 1) / cs);
   if (q->extl2) {
     /* Subcluster granularity: every cluster the range touches. */
     uint64_t last = div_round_up (offset + count, cs);

@@ -7,8 +7,15 @@
  * of the file with no lock held, by the background thread where it runs:
  * their clusters stay counted (unusable) until punched, then are given
  * back a part at a time.  The background thread also compacts once
- * compact_after_unmaps bytes were freed.  Errors of the thread are kept in
- * q->bg_error and returned by the next flush.
+ * compact_after_unmaps bytes were freed; while it compacts it applies the
+ * queued frees itself (compact.c: those of the clusters it moved, which
+ * a client's flush may have taken, must be applied before the file can
+ * shrink past them).  Errors of the thread are kept in q->bg_error and
+ * returned by the next flush.
+ *
+ * The syncs go through sync_links (cluster.c): data written in place
+ * needs no sync before the metadata, only new links do, so a flush syncs
+ * under q->lock only if a link was made after its first sync began.
  *
  * Locks: flush_lock (one flush at a time) is taken before io_lock and
  * q->lock; compact_lock (qcow_compact) before all three. */
@@ -30,15 +37,14 @@ stop_background (struct qcow *q)
   q->bg_running = false;
 }
 
-/* Hand F over to the background thread, if it runs and this is not it
- * (compaction, in that thread, needs its frees done before it goes on).
- * False if the caller must punch and finish F itself. */
+/* Hand F over to the background thread, if it runs (compaction, in that
+ * thread, applies what it queues itself: punch_queued).  False if the
+ * caller must punch and finish F itself. */
 static bool
 punch_in_background (struct qcow *q, struct freeing *f)
 {
   struct punch_job *j;
-  if (!q->bg_running || !q->cfg.discard ||
-      pthread_equal (pthread_self (), q->bg_thread) || !(j = malloc (sizeof *j)))
+  if (!q->bg_running || !q->cfg.discard || !(j = malloc (sizeof *j)))
     return false;
   j->f = *f;
   j->next = NULL;
@@ -93,8 +99,9 @@ apply_freeing (struct qcow *q, struct freeing *f)
   return r;
 }
 
-/* Apply every queued job.  With q->lock held (dropped while punching). */
-static void
+/* Apply every queued job.  With q->lock held (dropped while punching).
+ * Run by the background thread. */
+void
 punch_queued (struct qcow *q)
 {
   struct punch_job *j;
@@ -122,7 +129,7 @@ flush_all (struct qcow *q)
    * image lock, so that other requests are not held up by it; the syncs
    * metadata_sync does under the lock then have little left to do. */
   if (__atomic_load_n (&q->data_unsynced, __ATOMIC_RELAXED) &&
-      (r = io_sync (q)) < 0) {
+      (r = sync_links (q)) < 0) {
     pthread_mutex_unlock (&q->flush_lock);
     return r;
   }
@@ -131,7 +138,7 @@ flush_all (struct qcow *q)
   size_t durable = q->npending;
   pthread_mutex_unlock (&q->lock);
   if (r == 0)
-    r = io_sync (q);
+    r = sync_links (q);
   if (r == 0 && durable > 0) {
     /* The removals are durable: let the space be reused once no request
      * that looked up an old mapping is still in flight. */
@@ -139,6 +146,8 @@ flush_all (struct qcow *q)
     pthread_rwlock_wrlock (&q->io_lock);
     pthread_mutex_lock (&q->lock);
     r = rc_deferred_take (q, durable, &f);
+    if (r == 0)
+      q->flushes_done++;
     pthread_mutex_unlock (&q->lock);
     pthread_rwlock_unlock (&q->io_lock);
     /* Hole punching is slow (the kernel frees the blocks, drops cached
@@ -190,6 +199,14 @@ qcow_flush (struct qcow *q)
   return flush_all (q);
 }
 
+static double
+monotonic_seconds (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 /* The background thread: punches the holes of flushed frees, and, once
  * compact_after_unmaps bytes were freed (or are waiting to be), compacts.
  * On stop it punches what is queued before it ends. */
@@ -215,6 +232,10 @@ bg_main (void *arg)
     q->bg_compacting = true;
     pthread_cond_broadcast (&q->punch_cond);  /* see wait_for_punching */
     pthread_mutex_unlock (&q->lock);
+    /* (The monotonic clock lets a client tell which of its requests
+     * overlapped the run: bench/run-space.) */
+    qcow_debugf ("%s: background compaction: started, %" PRIu64 " bytes freed "
+                 "(monotonic %.3f)", q->filename, freed, monotonic_seconds ());
     struct qcow_compact_result res;
     int r = qcow_compact (q, NULL, NULL, &res);
     pthread_mutex_lock (&q->lock);
@@ -222,9 +243,9 @@ bg_main (void *arg)
     q->bg_freed_mark = q->stats.freed;
     q->stats.compactions++;
     qcow_debugf ("%s: background compaction: %s, %" PRIu64 " references "
-                 "updated, file %" PRIu64 " -> %" PRIu64 " bytes", q->filename,
-                 r == 0 ? "done" : "failed", res.refs_updated,
-                 res.old_size * 512, res.new_size * 512);
+                 "updated, file %" PRIu64 " -> %" PRIu64 " bytes (monotonic %.3f)",
+                 q->filename, r == 0 ? "done" : "failed", res.refs_updated,
+                 res.old_size * 512, res.new_size * 512, monotonic_seconds ());
   }
   pthread_mutex_unlock (&q->lock);
   return NULL;

@@ -67,6 +67,11 @@ struct inflight {          /* a guest cluster range being allocated */
   struct inflight *next;
 };
 
+struct move_mark {         /* a guest cluster compaction is copying, while */
+  uint64_t gc;             /* writes to it go on (compact.c) */
+  bool written;            /* one reached the old place: the move is off */
+};
+
 struct chain {               /* the images above one being opened */
   int depth;
   dev_t dev[16];
@@ -149,6 +154,7 @@ struct qcow {
   pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
   pthread_mutex_t compact_lock;  /* one compaction at a time */
   pthread_mutex_t flush_lock;    /* one flush_all at a time */
+  uint64_t flushes_done;   /* flush_all calls that took deferred frees */
   pthread_t bg_thread;     /* background hole punching and compaction */
   bool bg_running, bg_stop;
   bool bg_compacting;      /* it is compacting (wants io_lock exclusively) */
@@ -180,6 +186,13 @@ struct qcow {
                               fixed-size storage holds): reads as zeros */
   uint64_t free_hint;      /* no free cluster below this one */
   struct inflight *inflight;
+  struct move_mark *moving;/* sorted by gc: compaction's current batch */
+  size_t nmoving;
+  /* Links (L2 entries made to point at data) counted by note_link, and
+   * how many of them an fdatasync is known to cover (sync_links): the
+   * ordered write-back syncs before writing L2 tables only if some link
+   * is not covered, not on every write of data in place. */
+  uint64_t link_seq, link_synced;
   uint64_t *pending_free;  /* host clusters to decrement once unlinked */
   size_t npending, pending_cap;
 
@@ -314,6 +327,14 @@ int l2_set_with_bitmap (struct qcow *q, uint64_t gcluster, uint64_t entry, uint6
 void mark_l1_dirty (struct qcow *q, uint64_t idx);
 int write_rct (struct qcow *q);
 int metadata_sync (struct qcow *q);
+int sync_links (struct qcow *q);
+/* An L2 entry now points at data written since the last sync.  With
+ * q->lock held. */
+static inline void
+note_link (struct qcow *q)
+{
+  __atomic_add_fetch (&q->link_seq, 1, __ATOMIC_SEQ_CST);
+}
 
 /* ---- subcluster.c ---- */
 int sc_read (struct qcow *q, uint8_t *p, uint64_t len, uint64_t offset,
@@ -360,6 +381,19 @@ void inflight_remove (struct qcow *q, struct inflight *f);
 /* ---- flush.c ---- */
 int flush_all (struct qcow *q);
 void stop_background (struct qcow *q);
+void punch_queued (struct qcow *q);
+
+/* ---- compact.c ---- */
+void compact_note_write (struct qcow *q, uint64_t first, uint64_t last);
+/* A request is about to write guest clusters [FIRST, LAST] in place (or
+ * change their mapping): a move of one of them in progress is called off.
+ * With q->lock held. */
+static inline void
+note_write (struct qcow *q, uint64_t first, uint64_t last)
+{
+  if (q->nmoving)
+    compact_note_write (q, first, last);
+}
 
 /* ---- check.c ---- */
 int check_image (struct qcow_backend *b, struct qcow_check_result *res,

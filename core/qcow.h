@@ -57,7 +57,11 @@ struct qcow_config {
                                   resolve: NULL for the image's directory */
   bool runtime_asserts;    /* check the whole image after every flush */
   bool locking;            /* lock the files as QEMU does; default true */
+  uint64_t compact_rate;   /* background compaction moves at most this many
+                              bytes a second; 0 = no limit (default 64 MiB);
+                              qcow_compact called directly is never paced */
 };
+#define QCOW_DEFAULT_COMPACT_RATE (64ULL << 20)
 QCOW_API void qcow_config_default (struct qcow_config *cfg);
 
 /* Block backends: the storage an image lives in (the OCaml library's

@@ -129,6 +129,7 @@ qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss)
     uint64_t in = new_size & (cs - 1);
     if (in) {
       struct cmap m;
+      note_write (q, new_size >> q->cluster_bits, new_size >> q->cluster_bits);
       if ((r = l2_lookup (q, new_size >> q->cluster_bits, &m)) == 0 &&
           (m.kind == C_DATA || (m.kind == C_SUBCL && m.host)))
         r = io_data_pwrite (q, q->zero_cluster, cs - in, m.host + in);

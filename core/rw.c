@@ -230,6 +230,7 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
   if (r == 0) {
     for (uint64_t i = 0; i < n && r == 0; i++)
       r = l2_set_with_bitmap (q, gc + i, (host + i * cs) | ENTRY_COPIED, EXTL2_ALLOC_MASK);
+    note_link (q);
     /* Our old reference goes once the new link is durable. */
     if (r == 0 && m->kind == C_COMPRESSED)
       compressed_defer_free (q, m->host);
@@ -279,6 +280,8 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
   pthread_rwlock_rdlock (&q->io_lock);
   pthread_mutex_lock (&q->lock);
   r = begin_modify (q);
+  if (count > 0)
+    note_write (q, offset >> q->cluster_bits, (offset + count - 1) >> q->cluster_bits);
   while (r == 0 && count > 0) {
     uint64_t gc = offset >> q->cluster_bits, in = offset & (cs - 1);
     uint64_t len = cs - in < count ? cs - in : count;
