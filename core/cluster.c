@@ -221,6 +221,8 @@ l2_set_with_bitmap (struct qcow *q, uint64_t gc, uint64_t entry, uint64_t bitmap
   if (q->extl2)
     wr64 (ep + 8, bitmap);
   cache_mark_dirty (&q->l2_cache, e);
+  if (entry & L2_OFFSET_MASK)
+    note_link (q);
   return 0;
 }
 
@@ -242,6 +244,22 @@ l2_set_in (struct qcow *q, struct centry *e, uint64_t gc, uint64_t entry)
 {
   wr64 (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
   cache_mark_dirty (&q->l2_cache, e);
+  if (entry & L2_OFFSET_MASK)
+    note_link (q);              /* it may point at data not synced yet */
+}
+
+/* l2_set for an entry whose data is known to be durable already (a
+ * cluster compaction copied and synced): no link to sync for. */
+int
+l2_set_synced (struct qcow *q, uint64_t gc, uint64_t entry)
+{
+  struct centry *e;
+  int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
+  if (r == 0) {
+    wr64 (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
+    cache_mark_dirty (&q->l2_cache, e);
+  }
+  return r;
 }
 
 static int

@@ -3,8 +3,8 @@
  * nearer the start, rewrite the references, and truncate the file.
  *
  * Each move is crash-safe: copy, flush, switch the reference, flush, and
- * only then free the old cluster (freeing goes through the deferred-free
- * list, which also waits for requests that still use the old mapping).
+ * only then free the old cluster, once no request that looked up the old
+ * mapping is in flight.
  *
  * It runs while clients keep the image busy (the background thread,
  * compact-after-unmaps=), so it must neither stall nor hold them up:
@@ -12,20 +12,25 @@
  *  - Data clusters move in batches (up to 4 MiB).  A batch is chosen
  *    with io_lock held exclusively, which waits only for the requests in
  *    flight (a request that looked up an old mapping has finished then);
- *    later writes to a cluster of the batch do not wait: they mark the
- *    move off (note_write) and go to the old place.  The batch is copied
- *    and synced with no lock held, then switched under q->lock, except
- *    the moves a write called off: those clusters are tried again, and
- *    after OPTIMISTIC_TRIES the writes to them wait for their copy (not
- *    for the sync: the switch is then a link like an allocating write's,
- *    see note_link, and the next metadata write-back syncs first).
+ *    since new requests wait meanwhile, compaction gives up after
+ *    DRAIN_NS and tries again a little later (exclusive).  Later writes
+ *    to a cluster of the batch do not wait: they mark the move off
+ *    (note_write) and go to the old place.  The batch is copied and
+ *    synced with no lock held, then switched under q->lock, except the
+ *    moves a write called off: those clusters are tried again, and after
+ *    OPTIMISTIC_TRIES the writes to them wait for their copy (not for the
+ *    sync: that switch is a link like an allocating write's, see
+ *    note_link, and the next metadata write-back syncs first).
  *  - A batch makes its switches durable only with the next flush (a
  *    client's, or the commit below): no sync under any lock for it, and
- *    no flush_lock a client's flush would wait for.
- *  - Every COMMIT_SECONDS it commits: flush (switches durable, old
- *    clusters freed), apply the frees, including those a client's flush
- *    took and queued for the background thread (which is this thread),
- *    and truncate the file after the last cluster in use.  So the file
+ *    no flush_lock a client's flush would wait for.  The old clusters
+ *    stay on this run's own list (not the deferred frees a client's flush
+ *    takes, which would make every such flush wait for the requests in
+ *    flight) until a flush has made their switch durable.
+ *  - Every COMMIT_SECONDS it commits: flush if no client did, free the
+ *    old clusters whose switch is durable, apply the frees the clients'
+ *    flushes queued for the background thread (this thread), and
+ *    truncate the file after the last cluster in use.  So the file
  *    shrinks while the clients work, not only at the end.
  *  - In the background it paces itself to cfg.compact_rate bytes a
  *    second, and stops early when the thread is told to.
@@ -51,6 +56,8 @@ struct source {
 #define OPTIMISTIC_TRIES 2     /* then writes to the cluster wait for its copy */
 #define COMMIT_SECONDS 1.0     /* make moves durable and truncate this often */
 #define SCAN_MAX 65536         /* refcounts looked at per exclusive lock hold */
+#define DRAIN_NS 2000000       /* wait this long for io_lock exclusively, */
+#define BACKOFF_US 2000        /* else let requests go on this long, retry */
 
 static int
 cmp_source_desc (const void *a, const void *b)
@@ -94,7 +101,7 @@ now (void)
  * (seconds), for the debug message of the background thread. */
 struct compact_report {
   double seconds;
-  uint64_t batches, called_off, held_moves, commits, flushes;
+  uint64_t batches, called_off, held_moves, commits, flushes, drain_timeouts;
   double excl;             /* io_lock wanted or held exclusively */
   double lock;             /* q->lock held in a batch */
   double held;             /* writes to a cluster held by its move */
@@ -120,9 +127,54 @@ struct run {
   size_t batch;            /* clusters per batch */
   bool paced;              /* background, with a rate */
   double start, last_commit;
-  uint64_t flushes_seen;   /* q->flushes_done at the last commit */
+  uint64_t durable_seen;   /* q->durable_gen at the last commit */
+  struct pfree {           /* old clusters to free once the switch is */
+    uint64_t cluster, gen; /* durable (q->durable_gen > gen) */
+  } *frees;
+  size_t nfrees, frees_cap;
   uint64_t paced_bytes;    /* bytes moved (or copied in vain) so far */
 };
+
+/* The old cluster of a move, freed by this run once the switch is
+ * durable (take_frees); not through the deferred-free list, which a
+ * client's flush would take, holding up every request while it waits
+ * for those in flight.  With q->lock held. */
+static void
+defer (struct run *run, uint64_t cluster)
+{
+  struct pfree *v = grow_array (run->frees, run->nfrees, &run->frees_cap, sizeof *v, 256);
+  if (!v) {
+    rc_defer_free (run->q, cluster);        /* the usual way, then */
+    return;
+  }
+  run->frees = v;
+  run->frees[run->nfrees++] = (struct pfree) { cluster, run->q->meta_gen };
+}
+
+/* Take io_lock exclusively: wait for the requests in flight to finish.
+ * New requests wait meanwhile (it prefers writers), so never for long:
+ * after DRAIN_NS (a request in flight is slow) give up, let them go on
+ * for BACKOFF_US and try again.  Returns when the wait began. */
+static double
+exclusive (struct run *run)
+{
+  struct qcow *q = run->q;
+  for (;;) {
+    double t0 = now ();
+    struct timespec ts;
+    clock_gettime (CLOCK_MONOTONIC, &ts);
+    ts.tv_nsec += DRAIN_NS;
+    if (ts.tv_nsec >= 1000000000) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000;
+    }
+    if (pthread_rwlock_clockwrlock (&q->io_lock, CLOCK_MONOTONIC, &ts) == 0)
+      return t0;
+    longest (&run->rep.excl, now () - t0);
+    run->rep.drain_timeouts++;
+    usleep (BACKOFF_US);
+  }
+}
 
 /* Clusters in use, and the last used one + 1.  Takes q->lock one
  * refcount block at a time (the image may change meanwhile: a bound). */
@@ -260,9 +312,12 @@ alloc_below (struct qcow *q, uint64_t limit, uint64_t *dst)
 /* Move one table cluster (L2 table or refcount block): its content is in
  * the cache, so only its location and the pointer to it change; the
  * ordered write-back puts the table before the pointer. */
+static void defer (struct run *run, uint64_t cluster);
+
 static int
-move_table (struct qcow *q, const struct source *s, uint64_t dst)
+move_table (struct run *run, const struct source *s, uint64_t dst)
 {
+  struct qcow *q = run->q;
   struct centry *e;
   int r;
   uint64_t off = dst << q->cluster_bits;
@@ -282,7 +337,7 @@ move_table (struct qcow *q, const struct source *s, uint64_t dst)
     q->rct[s->key] = off;
     q->rct_dirty = true;
   }
-  rc_defer_free (q, s->host);
+  defer (run, s->host);
   return 0;
 }
 
@@ -347,8 +402,8 @@ switch_item (struct run *run, struct item *it, bool written, size_t *moved)
   if (r == 0 && ok) {
     uint64_t ent = (it->dst << q->cluster_bits) | ENTRY_COPIED |
                    (it->s.kind == SRC_ZERO_ALLOC ? ENTRY_ZERO : 0);
-    if ((r = l2_set (q, it->s.key, ent)) == 0) {
-      rc_defer_free (q, it->s.host);
+    if ((r = l2_set_synced (q, it->s.key, ent)) == 0) {
+      defer (run, it->s.host);
       (*moved)++;
       run->res->refs_updated++;
       return 0;
@@ -378,8 +433,7 @@ move_batch (struct run *run, struct item *items, size_t *moved)
    * has finished, later ones see the marks (never the other way round: a
    * request waiting on a hold mark while holding io_lock would deadlock
    * with us). */
-  double t0 = now ();
-  pthread_rwlock_wrlock (&q->io_lock);
+  double t0 = exclusive (run);
   pthread_mutex_lock (&q->lock);
   while (n < run->batch) {
     struct source s;
@@ -403,7 +457,7 @@ move_batch (struct run *run, struct item *items, size_t *moved)
       break;
     }
     if (s.kind == SRC_L2 || s.kind == SRC_REFBLOCK) {
-      if ((r = move_table (q, &s, dst)) < 0)
+      if ((r = move_table (run, &s, dst)) < 0)
         break;
       (*moved)++;
       run->res->refs_updated++;
@@ -438,8 +492,8 @@ move_batch (struct run *run, struct item *items, size_t *moved)
     if (items[i].hold)
       r = copy_item (q, &items[i], buf, run->res);
   if (n > nmarks) {
-    double t2 = now ();
     pthread_mutex_lock (&q->lock);
+    double t2 = now ();
     for (size_t i = 0; i < n; i++) {
       struct item *it = &items[i];
       if (!it->hold)
@@ -450,9 +504,8 @@ move_batch (struct run *run, struct item *items, size_t *moved)
           same_mapping (&m, &it->m)) {
         uint64_t ent = (it->dst << q->cluster_bits) | ENTRY_COPIED |
                        (it->s.kind == SRC_ZERO_ALLOC ? ENTRY_ZERO : 0);
-        if ((e = l2_set (q, it->s.key, ent)) == 0) {
-          note_link (q);
-          rc_defer_free (q, it->s.host);
+        if ((e = l2_set (q, it->s.key, ent)) == 0) {   /* (a link) */
+          defer (run, it->s.host);
           (*moved)++;
           run->res->refs_updated++;
         }
@@ -480,8 +533,8 @@ move_batch (struct run *run, struct item *items, size_t *moved)
   if (r == 0 && n > 0)
     r = sync_links (q);                     /* copies durable before the switch
                                                (and the held ones' links) */
-  double t4 = now ();
   pthread_mutex_lock (&q->lock);
+  double t4 = now ();
   for (size_t i = 0; i < n; i++) {
     struct item *it = &items[i];
     if (it->done)
@@ -594,8 +647,7 @@ move_tables (struct run *run, uint64_t bound)
   pthread_mutex_unlock (&q->lock);
   if (!l1 && !rct)
     return 0;
-  double t0 = now ();
-  pthread_rwlock_wrlock (&q->io_lock);
+  double t0 = exclusive (run);
   pthread_mutex_lock (&q->lock);
   if (table_beyond (q, true, bound))
     r = move_multi (q, true, run->res);
@@ -631,9 +683,8 @@ truncate_tail (struct run *run)
   const uint64_t keep = div_round_up (q->cfg.keep_erased, q->cluster_size);
   int r = 0;
   for (;;) {
-    double t0 = now ();
     bool more = false;
-    pthread_rwlock_wrlock (&q->io_lock);
+    double t0 = exclusive (run);
     pthread_mutex_lock (&q->lock);
     uint64_t limit = div_round_up (q->file_size, q->cluster_size);
     if (q->frontier > limit)
@@ -677,31 +728,70 @@ truncate_tail (struct run *run)
   }
 }
 
+/* Free the old clusters whose switch is durable: once no request that
+ * looked up the old mapping is in flight (io_lock exclusively, briefly),
+ * they leave the list; they are punched and given back with no lock
+ * held (apply_freeing). */
+static int
+take_frees (struct run *run)
+{
+  struct qcow *q = run->q;
+  pthread_mutex_lock (&q->lock);
+  size_t ready = 0;
+  for (size_t i = 0; i < run->nfrees; i++)
+    ready += run->frees[i].gen < q->durable_gen;
+  pthread_mutex_unlock (&q->lock);
+  if (ready == 0)
+    return 0;
+  struct freeing f = { malloc (ready * sizeof *f.c), 0, malloc (ready * sizeof *f.punch), 0 };
+  if (!f.c || !f.punch) {
+    free (f.c);
+    free (f.punch);
+    return -ENOMEM;
+  }
+  double t0 = exclusive (run);
+  pthread_mutex_lock (&q->lock);
+  size_t k = 0;
+  for (size_t i = 0; i < run->nfrees; i++) {
+    if (run->frees[i].gen < q->durable_gen && f.n < ready)
+      f.c[f.n++] = run->frees[i].cluster;
+    else
+      run->frees[k++] = run->frees[i];
+  }
+  run->nfrees = k;
+  pthread_rwlock_unlock (&q->io_lock);
+  longest (&run->rep.excl, now () - t0);
+  int r = apply_freeing (q, &f);
+  pthread_mutex_unlock (&q->lock);
+  return r;
+}
+
 /* Make the moves so far durable, free the old clusters, and cut the file
  * after what is still in use.  While clients flush, their flushes make
- * the moves durable and queue the frees for this thread: then there is
- * no need to flush (and hold up the clients' next flushes) except to
- * finish (FINAL). */
+ * the moves durable: then there is no need to flush (and hold up the
+ * clients' next flushes), except to finish (FINAL). */
 static int
 commit (struct run *run, bool final)
 {
   struct qcow *q = run->q;
   int r = 0;
   pthread_mutex_lock (&q->lock);
-  bool flushed = q->flushes_done != run->flushes_seen;
+  bool flushed = q->durable_gen != run->durable_seen;
   pthread_mutex_unlock (&q->lock);
   if (final || !flushed) {
     r = sync_links (q);                     /* the bulk of it, before flush_lock */
     double t0 = now ();
     if (r == 0)
-      r = flush_all (q);                    /* switches durable, then free */
+      r = flush_all (q);                    /* switches durable */
     longest (&run->rep.flush, now () - t0);
     run->rep.flushes++;
   }
   pthread_mutex_lock (&q->lock);
-  run->flushes_seen = q->flushes_done;
+  run->durable_seen = q->durable_gen;
   pthread_mutex_unlock (&q->lock);
-  apply_queued_frees (q);
+  if (r == 0)
+    r = take_frees (run);
+  apply_queued_frees (q);                   /* the clients' */
   if (r == 0)
     r = truncate_tail (run);
   run->rep.commits++;
@@ -804,10 +894,15 @@ compact_run (struct qcow *q, qcow_progress_fn progress, void *opaque,
   if (r == 0)
     r = commit (&run, true);
 
+  /* Anything not freed yet (an error) goes the usual way: the next
+   * flush frees it. */
   pthread_mutex_lock (&q->lock);
   q->moving = NULL;
   q->nmoving = 0;
+  for (size_t i = 0; i < run.nfrees; i++)
+    rc_defer_free (q, run.frees[i].cluster);
   pthread_mutex_unlock (&q->lock);
+  free (run.frees);
   free (items);
   free (marks);
   res->new_size = div_round_up (q->file_size, 512);
@@ -834,10 +929,12 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
   if (qcow_in_background)
     qcow_debugf ("%s: background compaction: %.3f s, %" PRIu64 " batches, %"
                  PRIu64 " moves called off by writes, %" PRIu64 " held, %"
-                 PRIu64 " commits, %" PRIu64 " flushes; longest: io_lock exclusive %.1f ms, image "
+                 PRIu64 " commits, %" PRIu64 " flushes, %" PRIu64 " drains given up; "
+                 "longest: io_lock exclusive %.1f ms, image "
                  "lock %.1f ms, writes held %.1f ms, flush %.1f ms",
                  q->filename, rep.seconds, rep.batches, rep.called_off,
-                 rep.held_moves, rep.commits, rep.flushes, rep.excl * 1e3, rep.lock * 1e3,
+                 rep.held_moves, rep.commits, rep.flushes, rep.drain_timeouts,
+                 rep.excl * 1e3, rep.lock * 1e3,
                  rep.held * 1e3, rep.flush * 1e3);
   return r;
 }

@@ -66,11 +66,12 @@ punch_in_background (struct qcow *q, struct freeing *f)
  * one such part (a few milliseconds), see wait_for_punching. */
 #define PUNCH_PART (8u << 20)
 
-/* Apply F (from rc_deferred_take): punch its clusters a part at a time
- * with q->lock dropped, giving each part back once it is punched, then
- * drop the rest of its references.  With q->lock held; frees F's
- * arrays.  On failure the references not dropped leak (no harm). */
-static int
+/* Apply F (from rc_deferred_take, or compaction's own): punch its
+ * clusters a part at a time with q->lock dropped, giving each part back
+ * once it is punched, then drop the rest of its references.  With q->lock
+ * held; frees F's arrays.  On failure the references not dropped leak (no
+ * harm). */
+int
 apply_freeing (struct qcow *q, struct freeing *f)
 {
   size_t part = PUNCH_PART >> q->cluster_bits, i = 0, ci = 0;
@@ -136,9 +137,15 @@ flush_all (struct qcow *q)
   pthread_mutex_lock (&q->lock);
   r = metadata_sync (q);
   size_t durable = q->npending;
+  uint64_t gen = ++q->meta_gen;
   pthread_mutex_unlock (&q->lock);
   if (r == 0)
     r = sync_links (q);
+  if (r == 0) {
+    pthread_mutex_lock (&q->lock);
+    q->durable_gen = gen;     /* what was in memory before is on disk */
+    pthread_mutex_unlock (&q->lock);
+  }
   if (r == 0 && durable > 0) {
     /* The removals are durable: let the space be reused once no request
      * that looked up an old mapping is still in flight. */
@@ -146,8 +153,6 @@ flush_all (struct qcow *q)
     pthread_rwlock_wrlock (&q->io_lock);
     pthread_mutex_lock (&q->lock);
     r = rc_deferred_take (q, durable, &f);
-    if (r == 0)
-      q->flushes_done++;
     pthread_mutex_unlock (&q->lock);
     pthread_rwlock_unlock (&q->io_lock);
     /* Hole punching is slow (the kernel frees the blocks, drops cached

@@ -154,7 +154,10 @@ struct qcow {
   pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
   pthread_mutex_t compact_lock;  /* one compaction at a time */
   pthread_mutex_t flush_lock;    /* one flush_all at a time */
-  uint64_t flushes_done;   /* flush_all calls that took deferred frees */
+  /* + 1 by each flush_all as it writes the metadata (meta_gen), and that
+   * number once it is durable (durable_gen): what was in memory when
+   * meta_gen was G is on disk once durable_gen > G. */
+  uint64_t meta_gen, durable_gen;
   pthread_t bg_thread;     /* background hole punching and compaction */
   bool bg_running, bg_stop;
   bool bg_compacting;      /* it is compacting (wants io_lock exclusively) */
@@ -324,12 +327,14 @@ int l2_get_table (struct qcow *q, uint64_t l1_index, bool alloc, struct centry *
 int l2_set (struct qcow *q, uint64_t gcluster, uint64_t entry);
 void l2_set_in (struct qcow *q, struct centry *e, uint64_t gcluster, uint64_t entry);
 int l2_set_with_bitmap (struct qcow *q, uint64_t gcluster, uint64_t entry, uint64_t bitmap);
+int l2_set_synced (struct qcow *q, uint64_t gcluster, uint64_t entry);
 void mark_l1_dirty (struct qcow *q, uint64_t idx);
 int write_rct (struct qcow *q);
 int metadata_sync (struct qcow *q);
 int sync_links (struct qcow *q);
-/* An L2 entry now points at data written since the last sync.  With
- * q->lock held. */
+/* An L2 entry now points at data that may have been written since the
+ * last sync (l2_set and l2_set_with_bitmap call it for every entry with a
+ * host offset).  With q->lock held. */
 static inline void
 note_link (struct qcow *q)
 {
@@ -382,6 +387,7 @@ void inflight_remove (struct qcow *q, struct inflight *f);
 int flush_all (struct qcow *q);
 void stop_background (struct qcow *q);
 void punch_queued (struct qcow *q);
+int apply_freeing (struct qcow *q, struct freeing *f);
 
 /* ---- compact.c ---- */
 void compact_note_write (struct qcow *q, uint64_t first, uint64_t last);

@@ -230,7 +230,6 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
   if (r == 0) {
     for (uint64_t i = 0; i < n && r == 0; i++)
       r = l2_set_with_bitmap (q, gc + i, (host + i * cs) | ENTRY_COPIED, EXTL2_ALLOC_MASK);
-    note_link (q);
     /* Our old reference goes once the new link is durable. */
     if (r == 0 && m->kind == C_COMPRESSED)
       compressed_defer_free (q, m->host);

@@ -171,7 +171,6 @@ sc_write (struct qcow *q, const uint8_t *p, uint64_t len, uint64_t offset,
     uint64_t alloc = (m->bitmap & ALL_UNITS) | mask;
     uint64_t zero = (m->bitmap >> 32) & ~mask;
     r = l2_set_with_bitmap (q, gc, host | ENTRY_COPIED, alloc | (zero << 32));
-    note_link (q);
     if (r == 0 && cow)
       rc_defer_free (q, old >> q->cluster_bits);
   }
