@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """The table of bench/run-space's compact-load section.
 
   loadtable.py CONFIG=RESULT.json... [--names CONFIG=NAME...]

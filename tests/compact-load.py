@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # compact-load.py - background compaction while clients keep the image
 # busy: the client side of tests/test-compact-load.sh and of the
 # "compact-load" part of bench/run-space (not a test by itself).

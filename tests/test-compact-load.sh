@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # test-compact-load.sh - background compaction while two connections keep
 # the image busy (issue 15; the client is tests/compact-load.py):
 #
