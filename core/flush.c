@@ -8,10 +8,11 @@
  * their clusters stay counted (unusable) until punched, then are given
  * back a part at a time.  The background thread also compacts once
  * compact_after_unmaps bytes were freed; while it compacts it applies the
- * queued frees itself (compact.c: those of the clusters it moved, which
- * a client's flush may have taken, must be applied before the file can
- * shrink past them).  Errors of the thread are kept in q->bg_error and
- * returned by the next flush.
+ * queued frees between batches (compact.c: the file cannot shrink past a
+ * cluster whose free waits in the queue).  Each flush counts the
+ * metadata it made durable (meta_gen, durable_gen), which tells
+ * compaction when it may free the clusters it moved away from.  Errors of
+ * the thread are kept in q->bg_error and returned by the next flush.
  *
  * The syncs go through sync_links (cluster.c): data written in place
  * needs no sync before the metadata, only new links do, so a flush syncs
