@@ -84,7 +84,7 @@ shrunk ()
 # ---- a) the scenario -------------------------------------------------------
 echo "== a) 1 GiB, 512 MiB written, 400 MiB trimmed, 2 connections for 15 s (${SECONDS}s)"
 img="$TMPD/a.qcow2"
-start_child -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size=1G \
+start_child "$sock" "$SERVER_LOG" -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size=1G \
     compact-after-unmaps=64M
 load "$img" --fill 512M --trim 400M --seconds 15 --conns 2 \
     --json "$TMPD/a.json" --out "$TMPD/a.raw"
@@ -100,7 +100,7 @@ echo "== b) extended L2 entries, 4 KiB subclusters, hot clusters (${SECONDS}s)"
 img="$TMPD/b.qcow2"
 qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k,lazy_refcounts=on \
     "$img" 256M
-start_child -v -D qcow.verbose=1 "$QCOW_SO" file="$img" compact-after-unmaps=16M \
+start_child "$sock" "$SERVER_LOG" -v -D qcow.verbose=1 "$QCOW_SO" file="$img" compact-after-unmaps=16M \
     compact-rate=16M
 load "$img" --fill 128M --trim 96M --seconds 8 --conns 2 --hot 512K \
     --json "$TMPD/b.json" --out "$TMPD/b.raw"
@@ -122,7 +122,7 @@ for (( round = 1; round <= rounds; round++ )); do
          "kill ${after}s into the load (${SECONDS}s)"
     img="$TMPD/c.qcow2"
     rm -f "$img"
-    start_child -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size=256M \
+    start_child "$sock" "$SERVER_LOG" -v -D qcow.verbose=1 "$QCOW_SO" file="$img" create=true size=256M \
         cluster-size=$cluster lazy-refcounts=$lazy compact-after-unmaps=16M \
         compact-rate=8M
     SEED=$((SEED + round)) load "$img" --fill 128M --trim 100M --seconds 10 \
