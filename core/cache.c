@@ -3,14 +3,32 @@
  *
  * Entries are found by key (the L1 index of an L2 table, the refcount
  * table index of a refcount block) through a slot array, and kept on an
- * LRU list.  All calls are made with q->lock held.
+ * LRU list.  Every change to the cache is made with q->lock held.
  *
  * The cache knows nothing of the order in which dirty tables must reach
  * the disk (refcount blocks before the L2 tables that use their clusters,
  * L2 tables before the L1 entries that point to them): the layer above
  * gives it, at cache_init, a write-back callback that writes every dirty
  * table in that order (cluster.c's metadata_sync), and the cache calls it
- * before it evicts a dirty entry, so the order is never broken. */
+ * before it evicts a dirty entry, so the order is never broken.
+ *
+ * Lock-free readers (cache_read_word: the read and overwrite fast path
+ * in rw.c, which holds io_lock shared but not q->lock) may look at an
+ * entry at any time, so:
+ *   - an entry and its table buffer are never freed while the image is
+ *     open: an evicted entry is reused for the table loaded in its place,
+ *     a dropped one waits on the spare list (cache_free frees them all);
+ *   - a reused entry is unpublished first (its slot cleared), and its
+ *     sequence number is odd while its key and contents change, so a
+ *     reader that picked it up before compares the number before and
+ *     after its read and falls back to the locked path on a change;
+ *   - single table words are stored whole (8-byte aligned stores), so a
+ *     reader sees the old or the new word, never a mix;
+ *   - the slot array is reallocated only with io_lock held exclusively
+ *     (resize), never under a reader.
+ * Eviction is LRU, except that an entry the fast path used since it was
+ * last on the cold end gets a second chance (its `referenced` bit): the
+ * fast path cannot reorder the list. */
 #include <stdlib.h>
 
 #include "internal.h"
@@ -56,37 +74,68 @@ lru_push_front (struct cache *c, struct centry *e)
   c->lru.next = e;
 }
 
+/* The seqlock around a change of an entry's identity (key, contents). */
 static void
-entry_free (struct cache *c, struct centry *e)
+change_begin (struct centry *e)
+{
+  __atomic_store_n (&e->seq, e->seq + 1, __ATOMIC_RELAXED);
+  __atomic_thread_fence (__ATOMIC_RELEASE);
+}
+
+static void
+change_end (struct centry *e)
+{
+  __atomic_store_n (&e->seq, e->seq + 1, __ATOMIC_RELEASE);
+}
+
+/* Take E out of the cache (slot, LRU list, counts): it may be reused. */
+static void
+entry_unpublish (struct cache *c, struct centry *e)
 {
   lru_unlink (e);
   if (e->dirty)
     c->ndirty--;
-  c->slot[e->key] = NULL;
+  e->dirty = false;
+  __atomic_store_n (&c->slot[e->key], NULL, __ATOMIC_RELEASE);
   c->count--;
-  free (e->data);
-  free (e);
+}
+
+static void
+entry_to_spare (struct cache *c, struct centry *e)
+{
+  entry_unpublish (c, e);
+  change_begin (e);             /* a reader holding it sees the change */
+  change_end (e);
+  e->next = c->spare;
+  c->spare = e;
 }
 
 void
 cache_drop (struct cache *c, uint64_t key)
 {
   if (key < c->nslots && c->slot[key])
-    entry_free (c, c->slot[key]);
+    entry_to_spare (c, c->slot[key]);
 }
 
 void
 cache_drop_all (struct cache *c)
 {
   while (c->lru.next != &c->lru)
-    entry_free (c, c->lru.next);
+    entry_to_spare (c, c->lru.next);
 }
 
+/* With the image closing: no reader is left. */
 void
 cache_free (struct cache *c)
 {
   if (c->lru.next)              /* initialised */
     cache_drop_all (c);
+  while (c->spare) {
+    struct centry *e = c->spare;
+    c->spare = e->next;
+    free (e->data);
+    free (e);
+  }
   free (c->slot);
   c->slot = NULL;
   c->nslots = 0;
@@ -107,20 +156,44 @@ cache_mark_dirty (struct cache *c, struct centry *e)
   }
 }
 
-/* Make room for one more entry. */
-static int
-cache_evict (struct qcow *q, struct cache *c)
+/* An entry to load a table into: a spare one, a new one, or (the cache
+ * being full) the least recently used, unpublished.  NULL: out of
+ * memory, or the write-back before evicting a dirty entry failed (*R). */
+static struct centry *
+entry_for_load (struct qcow *q, struct cache *c, int *r)
 {
-  while (c->count >= c->max) {
-    struct centry *victim = c->lru.prev;
-    if (victim->dirty) {
-      int r = c->writeback (q);
-      if (r < 0)
-        return r;
+  *r = 0;
+  if (c->count < c->max) {
+    struct centry *e = c->spare;
+    if (e) {
+      c->spare = e->next;
+      return e;
     }
-    entry_free (c, victim);
+    e = calloc (1, sizeof *e);
+    if (e && !(e->data = malloc (q->cluster_size))) {
+      free (e);
+      e = NULL;
+    }
+    if (!e)
+      *r = -ENOMEM;
+    return e;
   }
-  return 0;
+  /* Full: evict from the cold end; what the fast path used since it was
+   * last seen there goes back to the front once. */
+  for (size_t tries = 0;; tries++) {
+    struct centry *victim = c->lru.prev;
+    if (tries < c->count &&
+        __atomic_load_n (&victim->referenced, __ATOMIC_RELAXED)) {
+      __atomic_store_n (&victim->referenced, false, __ATOMIC_RELAXED);
+      lru_unlink (victim);
+      lru_push_front (c, victim);
+      continue;
+    }
+    if (victim->dirty && (*r = c->writeback (q)) < 0)
+      return NULL;
+    entry_unpublish (c, victim);
+    return victim;
+  }
 }
 
 int
@@ -130,41 +203,67 @@ cache_get (struct qcow *q, struct cache *c, uint64_t key, uint64_t offset,
   assert (key < c->nslots);     /* slots cover the L1 / refcount table */
   struct centry *e = c->slot[key];
   if (e) {
-    lru_unlink (e);
-    lru_push_front (c, e);
-    q->stats.l2_cache_hits += c == &q->l2_cache;
+    if (c->lru.next != e) {
+      lru_unlink (e);
+      lru_push_front (c, e);
+    }
+    if (c == &q->l2_cache)
+      stat_add (q, STAT_L2_HITS, 1);
     *ep = e;
     return 0;
   }
-  q->stats.l2_cache_misses += c == &q->l2_cache;
-  int r = cache_evict (q, c);
-  if (r < 0)
+  if (c == &q->l2_cache)
+    stat_add (q, STAT_L2_MISSES, 1);
+  int r;
+  if (!(e = entry_for_load (q, c, &r))) {
+    if (r == -ENOMEM)
+      ERR (q, "out of memory for the %s cache", c->what);
     return r;
-  e = calloc (1, sizeof *e);
-  if (e)
-    e->data = fresh ? calloc (1, q->cluster_size) : malloc (q->cluster_size);
-  if (!e || !e->data) {
-    free (e);
-    ERR (q, "out of memory for the %s cache", c->what);
-    return -ENOMEM;
   }
-  if (!fresh) {
+  change_begin (e);
+  if (fresh)
+    memset (e->data, 0, q->cluster_size);
+  else
     r = io_pread (q, e->data, q->cluster_size, offset);
-    if (r < 0) {
-      free (e->data);
-      free (e);
-      return r;
-    }
-  }
-  e->key = key;
+  __atomic_store_n (&e->key, key, __ATOMIC_RELAXED);
   e->offset = offset;
-  c->slot[key] = e;
+  e->referenced = false;
+  change_end (e);
+  if (r < 0) {
+    e->next = c->spare;
+    c->spare = e;
+    return r;
+  }
   c->count++;
   lru_push_front (c, e);
+  __atomic_store_n (&c->slot[key], e, __ATOMIC_RELEASE);
   if (fresh)
     cache_mark_dirty (c, e);
   *ep = e;
   return 0;
+}
+
+/* Without q->lock (see the top of the file): the big-endian word at byte
+ * OFF of the cached table KEY, in *V.  False if the table is not cached
+ * or changed under the read (the caller takes the locked path). */
+bool
+cache_read_word (struct cache *c, uint64_t key, size_t off, uint64_t *v)
+{
+  struct centry *e = __atomic_load_n (&c->slot[key], __ATOMIC_ACQUIRE);
+  if (!e)
+    return false;
+  unsigned s1 = __atomic_load_n (&e->seq, __ATOMIC_ACQUIRE);
+  if (s1 & 1)
+    return false;
+  uint64_t k = __atomic_load_n (&e->key, __ATOMIC_RELAXED);
+  uint64_t w = __atomic_load_n ((uint64_t *) (e->data + off), __ATOMIC_RELAXED);
+  __atomic_thread_fence (__ATOMIC_ACQUIRE);
+  if (__atomic_load_n (&e->seq, __ATOMIC_RELAXED) != s1 || k != key)
+    return false;
+  if (!__atomic_load_n (&e->referenced, __ATOMIC_RELAXED))
+    __atomic_store_n (&e->referenced, true, __ATOMIC_RELAXED);
+  *v = be64toh (w);
+  return true;
 }
 
 /* Write every dirty entry (no ordering between them, no sync). */

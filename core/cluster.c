@@ -100,7 +100,7 @@ l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
     }
     e = *ep;
     for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++)
-      wr64 (L2E (q, e->data, j), rd64 (L2E (q, e->data, j)) & ~ENTRY_COPIED);
+      wr64_whole (L2E (q, e->data, j), rd64 (L2E (q, e->data, j)) & ~ENTRY_COPIED);
     e->offset = c << q->cluster_bits;
     cache_mark_dirty (&q->l2_cache, e);
     q->l1[idx] = e->offset | ENTRY_COPIED;
@@ -121,6 +121,43 @@ l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
     return r;
   }
   return l2_decode (q, gc, e, m);
+}
+
+/* The lock-free lookup of the read and overwrite fast path (rw.c): with
+ * io_lock held shared but not q->lock, GC's mapping if its L2 table is
+ * cached (or not allocated at all) and the entry is a plain one: data,
+ * zero or unallocated, in an image without extended L2 entries or an
+ * external data file (the caller checks those).  False: take the locked
+ * path (which also reports damaged entries).  The L1 table and the slot
+ * array are replaced only with io_lock held exclusively. */
+bool
+l2_fast_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
+{
+  uint64_t idx = gc >> q->l2_bits, ent;
+  if (idx >= q->h.l1_size)
+    return false;
+  if (!cache_read_word (&q->l2_cache, idx, (gc & ((1ULL << q->l2_bits) - 1)) << 3,
+                        &ent)) {
+    /* Not cached: fine if there is no table (a table linked since was
+     * published in the cache first). */
+    if (__atomic_load_n (&q->l1[idx], __ATOMIC_ACQUIRE) & L1_OFFSET_MASK)
+      return false;
+    ent = 0;
+  }
+  uint64_t off = ent & L2_OFFSET_MASK;
+  if (ent & ENTRY_COMPRESSED)
+    return false;
+  if (off && (off & (q->cluster_size - 1) || off < q->cluster_size ||
+              off >= __atomic_load_n (&q->file_size, __ATOMIC_RELAXED)))
+    return false;
+  m->copied = ent & ENTRY_COPIED;
+  m->host = off;
+  m->bitmap = 0;
+  if (q->h.version >= 3 && (ent & ENTRY_ZERO))
+    m->kind = off ? C_ZERO_ALLOC : C_ZERO;
+  else
+    m->kind = off ? C_DATA : C_UNALLOC;
+  return true;
 }
 
 /* Guest cluster GC's mapping from its L2 table E (NULL: none allocated),
@@ -217,7 +254,7 @@ l2_set_with_bitmap (struct qcow *q, uint64_t gc, uint64_t entry, uint64_t bitmap
   if (r < 0)
     return r;
   uint8_t *ep = L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1));
-  wr64 (ep, entry);
+  wr64_whole (ep, entry);
   if (q->extl2)
     wr64 (ep + 8, bitmap);
   cache_mark_dirty (&q->l2_cache, e);
@@ -240,7 +277,7 @@ l2_set (struct qcow *q, uint64_t gc, uint64_t entry)
 void
 l2_set_in (struct qcow *q, struct centry *e, uint64_t gc, uint64_t entry)
 {
-  wr64 (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
+  wr64_whole (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
   cache_mark_dirty (&q->l2_cache, e);
 }
 

@@ -373,6 +373,7 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
     return -EROFS;
   }
   pthread_mutex_lock (&q->compact_lock);
+  __atomic_store_n (&q->compacting, true, __ATOMIC_RELAXED);   /* rw.c */
   pthread_mutex_lock (&q->lock);
   r = begin_modify (q);
   pthread_mutex_unlock (&q->lock);
@@ -430,6 +431,7 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
   res->new_size = div_round_up (q->file_size, 512);
   if (progress && r == 0)
     progress (100, opaque);
+  __atomic_store_n (&q->compacting, false, __ATOMIC_RELAXED);
   pthread_mutex_unlock (&q->compact_lock);
   return r;
 }

@@ -23,6 +23,13 @@
 
 static inline uint64_t div_round_up (uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
+/* Store a table word whole (lock-free readers: cache.c). */
+static inline void
+wr64_whole (void *p, uint64_t v)
+{
+  __atomic_store_n ((uint64_t *) p, htobe64 (v), __ATOMIC_RELEASE);
+}
+
 /* The Jth entry of an L2 table (extended entries are 16 bytes: the
  * descriptor, then the subcluster bitmap). */
 #define L2E(q, table, j) ((uint8_t *) (table) + ((uint64_t) (j) << (q)->l2_esh))
@@ -33,9 +40,14 @@ static inline uint64_t div_round_up (uint64_t a, uint64_t b) { return a / b + (a
 struct centry {
   uint64_t key;            /* L1 index or refcount table index */
   uint64_t offset;         /* host offset of the table cluster */
-  uint8_t *data;           /* one cluster, big-endian as on disk */
+  uint8_t *data;           /* one cluster, big-endian as on disk; the
+                              same buffer for the entry's lifetime */
   bool dirty;
-  struct centry *prev, *next;   /* LRU list, most recent first */
+  bool referenced;         /* used by the lock-free path since it was
+                              last at the cold end of the LRU list */
+  unsigned seq;            /* odd while key and data change (cache.c) */
+  struct centry *prev, *next;   /* LRU list, most recent first; next
+                                   links the spare list */
 };
 struct cache {
   const char *what;        /* "L2 table" / "refcount block" */
@@ -45,7 +57,17 @@ struct cache {
   size_t count, max;
   size_t ndirty;
   struct centry lru;       /* sentinel */
+  struct centry *spare;    /* dropped entries, kept for reuse */
 };
+
+/* ---- counters updated on every request: per thread shards (no cache
+ * line shared between CPUs), summed by qcow_get_stats ---- */
+enum stat_counter { STAT_READS, STAT_WRITES, STAT_L2_HITS, STAT_L2_MISSES,
+                    STAT_NR };
+#define STAT_SHARDS 16
+struct stat_shard {
+  uint64_t v[STAT_NR];
+} __attribute__ ((aligned (64)));
 
 /* ---- backend.c: the storage under an image (qcow.h) ---- */
 #define IOV_MAX_CORE 8     /* pieces of one pwritev, at most */
@@ -148,6 +170,9 @@ struct qcow {
   pthread_cond_t alloc_cond;
   pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
   pthread_mutex_t compact_lock;  /* one compaction at a time */
+  bool compacting;         /* qcow_compact runs: it may mark clusters in
+                              flight (with io_lock exclusive), so rw.c's
+                              lock-free overwrite is off */
   pthread_mutex_t flush_lock;    /* one flush_all at a time */
   pthread_t bg_thread;     /* background hole punching and compaction */
   bool bg_running, bg_stop;
@@ -188,8 +213,18 @@ struct qcow {
   bool data_unsynced;      /* data written since the last fdatasync */
   uint8_t *zero_cluster;   /* cluster_size zero bytes */
 
-  struct qcow_stats stats;
+  struct qcow_stats stats;  /* except what the shards count */
+  struct stat_shard shard[STAT_SHARDS];
 };
+
+/* This thread's stat shard (assigned round robin on first use). */
+unsigned stat_shard_index (void);
+static inline void
+stat_add (struct qcow *q, enum stat_counter k, uint64_t n)
+{
+  __atomic_fetch_add (&q->shard[stat_shard_index ()].v[k], n, __ATOMIC_RELAXED);
+}
+void stats_sum (struct qcow *q, struct qcow_stats *st);
 
 /* ---- msg.c ---- */
 void qcow_errorf (const char *file, const char *fmt, ...)
@@ -258,6 +293,7 @@ void cache_free (struct cache *c);
 int cache_get (struct qcow *q, struct cache *c, uint64_t key, uint64_t offset,
                bool fresh, struct centry **ep);
 struct centry *cache_peek (struct cache *c, uint64_t key);
+bool cache_read_word (struct cache *c, uint64_t key, size_t off, uint64_t *v);
 void cache_mark_dirty (struct cache *c, struct centry *e);
 int cache_write_dirty (struct qcow *q, struct cache *c);
 void cache_drop (struct cache *c, uint64_t key);
@@ -306,6 +342,7 @@ struct cmap {
   uint64_t bitmap;         /* C_SUBCL: subcluster allocation/zero bits */
 };
 int l2_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
+bool l2_fast_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
 int l2_decode (struct qcow *q, uint64_t gcluster, const struct centry *e, struct cmap *m);
 int l2_get_table (struct qcow *q, uint64_t l1_index, bool alloc, struct centry **ep);
 int l2_set (struct qcow *q, uint64_t gcluster, uint64_t entry);

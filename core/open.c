@@ -116,7 +116,9 @@ int
 connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
                struct chain *chain, struct qcow **qp)
 {
-  struct qcow *q = calloc (1, sizeof *q);
+  struct qcow *q = aligned_alloc (_Alignof (struct qcow), sizeof *q);
+  if (q)
+    memset (q, 0, sizeof *q);
   if (!q) {
     qcow_errorf (b->name, "out of memory");
     qcow_backend_free (b);
@@ -330,7 +332,7 @@ begin_modify (struct qcow *q)
       return r;
     q->dirty_bit_set = true;
   }
-  q->modified = true;
+  __atomic_store_n (&q->modified, true, __ATOMIC_RELEASE);   /* rw.c */
   return 0;
 }
 
@@ -382,4 +384,5 @@ qcow_get_stats (struct qcow *q, struct qcow_stats *st)
   pthread_mutex_lock (&q->lock);
   *st = q->stats;
   pthread_mutex_unlock (&q->lock);
+  stats_sum (q, st);
 }

@@ -407,7 +407,8 @@ enum qcow_fault_op {
 QCOW_API void qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
                         bool short_write, bool persistent);
 QCOW_API void qcow_debug_reset (void);
-/* Calls of OP since the last inject/reset, and faults injected in all. */
+/* Calls of OP since the last inject/reset, and faults injected in all.
+ * Calls are counted only once inject or reset has been called. */
 QCOW_API uint64_t qcow_debug_count (enum qcow_fault_op op);
 QCOW_API uint64_t qcow_debug_faults (void);
 
