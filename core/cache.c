@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* cache.c - metadata table cache for L2 tables and refcount blocks.
  *
- * Entries are found by key (the L1 index of an L2 table, the refcount
- * table index of a refcount block) through a slot array, and kept on an
- * LRU list.  Every change to the cache is made with q->lock held.
+ * Entries are found by key (the index of an L2 slice: a whole L2 table,
+ * or a 4 KiB part of one when the cache cannot map the whole image, see
+ * caches_setup; the refcount table index of a refcount block) through a
+ * slot array, and kept on an LRU list.  Every change to the cache is made
+ * with q->lock held.
  *
  * The cache knows nothing of the order in which dirty tables must reach
  * the disk (refcount blocks before the L2 tables that use their clusters,
@@ -34,14 +36,62 @@
 #include "internal.h"
 
 void
-cache_init (struct cache *c, const char *what, size_t max,
+cache_init (struct cache *c, const char *what, size_t max, size_t esize,
             int (*writeback) (struct qcow *q))
 {
   memset (c, 0, sizeof *c);
   c->what = what;
   c->writeback = writeback;
   c->max = max < 4 ? 4 : max;
+  c->esize = esize;
   c->lru.prev = c->lru.next = &c->lru;
+}
+
+/* Size the caches as QEMU does: enough L2 to map the whole image, up to
+ * 32 MiB (cfg.cache_size, if given, is the total for both caches, L2
+ * first); refcount blocks a quarter of that.  When the L2 cache cannot
+ * map the whole image, its entries are 4 KiB slices of the tables rather
+ * than whole tables: a miss reads 4 KiB, and memory holds only the parts
+ * of the tables in use.  Nothing is allocated until used.  WRITEBACK:
+ * see cache_init. */
+int
+caches_setup (struct qcow *q, int (*writeback) (struct qcow *q))
+{
+  const uint64_t cs = q->cluster_size, min_rc = 4 * cs;
+  uint64_t clusters = div_round_up (q->h.size, cs);
+  uint64_t l2_need = div_round_up (clusters << q->l2_esh, cs) * cs;
+  uint64_t l2, rc;
+  if (q->cfg.cache_size == 0) {
+    l2 = l2_need < QCOW_DEFAULT_L2_CACHE ? l2_need : QCOW_DEFAULT_L2_CACHE;
+    rc = l2 / 4;
+  }
+  else {
+    uint64_t total = q->cfg.cache_size;
+    l2 = total > min_rc ? total - min_rc : 0;
+    if (l2 > l2_need)
+      l2 = l2_need;
+    rc = total - l2;
+  }
+  /* Slices: at least 512 bytes, a power of two, at most the table. */
+  unsigned sl_bits = q->l2_bits;
+  if (l2 < l2_need && cs > 4096)
+    sl_bits = 12 - q->l2_esh;
+  /* The slot array has an entry per slice of the whole image's tables:
+   * fall back to whole tables where that would be huge. */
+  if (((uint64_t) q->h.l1_size << (q->l2_bits - sl_bits)) > (1ULL << 24))
+    sl_bits = q->l2_bits;
+  q->sl_bits = sl_bits;
+  size_t esize = (size_t) 1 << (sl_bits + q->l2_esh);
+  uint64_t l2n = l2 / esize, rcn = rc / cs;
+  if (rcn > q->rct_entries) rcn = q->rct_entries;
+  cache_init (&q->l2_cache, "L2 table", l2n < 16 ? 16 : l2n, esize, writeback);
+  cache_init (&q->refblock_cache, "refcount block", rcn < 16 ? 16 : rcn, cs, writeback);
+  int r = cache_resize_slots (&q->l2_cache, l2_slots (q, q->h.l1_size));
+  if (r == 0)
+    r = cache_resize_slots (&q->refblock_cache, q->rct_entries);
+  if (r < 0)
+    ERR (q, "out of memory for the metadata caches");
+  return r;
 }
 
 int
@@ -49,10 +99,13 @@ cache_resize_slots (struct cache *c, uint64_t nslots)
 {
   if (nslots <= c->nslots)
     return 0;
-  struct centry **s = realloc (c->slot, nslots * sizeof *s);
+  /* The first time calloc: pages never touched cost no memory. */
+  struct centry **s = c->slot ? realloc (c->slot, nslots * sizeof *s)
+                              : calloc (nslots, sizeof *s);
   if (!s)
     return -ENOMEM;
-  memset (s + c->nslots, 0, (nslots - c->nslots) * sizeof *s);
+  if (c->slot)
+    memset (s + c->nslots, 0, (nslots - c->nslots) * sizeof *s);
   c->slot = s;
   c->nslots = nslots;
   return 0;
@@ -170,7 +223,7 @@ entry_for_load (struct qcow *q, struct cache *c, int *r)
       return e;
     }
     e = calloc (1, sizeof *e);
-    if (e && !(e->data = malloc (q->cluster_size))) {
+    if (e && !(e->data = malloc (c->esize))) {
       free (e);
       e = NULL;
     }
@@ -222,9 +275,9 @@ cache_get (struct qcow *q, struct cache *c, uint64_t key, uint64_t offset,
   }
   change_begin (e);
   if (fresh)
-    memset (e->data, 0, q->cluster_size);
+    memset (e->data, 0, c->esize);
   else
-    r = io_pread (q, e->data, q->cluster_size, offset);
+    r = io_pread (q, e->data, c->esize, offset);
   __atomic_store_n (&e->key, key, __ATOMIC_RELAXED);
   e->offset = offset;
   e->referenced = false;
@@ -275,7 +328,7 @@ cache_write_dirty (struct qcow *q, struct cache *c)
   for (struct centry *e = c->lru.next; e != &c->lru; e = e->next) {
     if (!e->dirty)
       continue;
-    int r = io_pwrite (q, e->data, q->cluster_size, e->offset);
+    int r = io_pwrite (q, e->data, c->esize, e->offset);
     if (r < 0)
       return r;
     e->dirty = false;

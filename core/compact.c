@@ -87,11 +87,10 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
   for (uint64_t i = 0; i < q->h.l1_size && r == 0; i++) {
     pthread_mutex_lock (&q->lock);        /* one L2 table at a time */
     uint64_t l2off = i < q->h.l1_size ? q->l1[i] & L1_OFFSET_MASK : 0;
-    struct centry *e = NULL;
-    if (l2off && (r = l2_get_table (q, i, false, &e)) == 0 && e)
-      memcpy (buf, e->data, cs);
+    if (l2off)
+      r = l2_read_table (q, i, buf);
     pthread_mutex_unlock (&q->lock);
-    if (r < 0 || !e)
+    if (r < 0 || !l2off)
       continue;
     if ((l2off >> q->cluster_bits) >= bound)
       r = add_source (l, l2off >> q->cluster_bits, SRC_L2, i);
@@ -159,9 +158,10 @@ alloc_below (struct qcow *q, uint64_t limit, uint64_t *dst)
   return 0;
 }
 
-/* Move one table cluster (L2 table or refcount block): its content is in
- * the cache, so only its location and the pointer to it change; the
- * ordered write-back puts the table before the pointer. */
+/* Move one table cluster (L2 table or refcount block): an L2 table is
+ * written at its new place now (l2_move_table), a refcount block is in
+ * the cache, so only its location changes; either way the ordered
+ * write-back puts the table before the pointer. */
 static int
 move_table (struct qcow *q, const struct source *s, uint64_t dst)
 {
@@ -169,10 +169,8 @@ move_table (struct qcow *q, const struct source *s, uint64_t dst)
   int r;
   uint64_t off = dst << q->cluster_bits;
   if (s->kind == SRC_L2) {
-    if ((r = cache_get (q, &q->l2_cache, s->key, s->host << q->cluster_bits, false, &e)) < 0)
+    if ((r = l2_move_table (q, s->key, off)) < 0)
       return r;
-    e->offset = off;
-    cache_mark_dirty (&q->l2_cache, e);
     q->l1[s->key] = off | ENTRY_COPIED;
     mark_l1_dirty (q, s->key);
   }
@@ -203,7 +201,7 @@ move_batch (struct qcow *q, struct srclist *l, size_t *pos,
    * an old mapping has finished, and later ones see the marks and wait
    * for them (never the other way round, which could deadlock with a
    * request waiting on a mark while holding io_lock). */
-  pthread_rwlock_wrlock (&q->io_lock);
+  io_lock_exclusive (q);
   pthread_mutex_lock (&q->lock);
   while (*pos < l->n && nd < BATCH) {
     const struct source *s = &l->v[*pos];
@@ -236,7 +234,7 @@ move_batch (struct qcow *q, struct srclist *l, size_t *pos,
     nd++;
   }
   pthread_mutex_unlock (&q->lock);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_exclusive (q);
 
   if (nd > 0) {
     uint8_t *buf = malloc (q->cluster_size);
@@ -347,7 +345,7 @@ static int
 move_tables (struct qcow *q, uint64_t bound, struct qcow_compact_result *res)
 {
   int r = 0;
-  pthread_rwlock_wrlock (&q->io_lock);
+  io_lock_exclusive (q);
   pthread_mutex_lock (&q->lock);
   uint64_t l1_end = div_round_up (q->h.l1_table_offset + (uint64_t) q->h.l1_size * 8,
                                   q->cluster_size);
@@ -358,7 +356,7 @@ move_tables (struct qcow *q, uint64_t bound, struct qcow_compact_result *res)
   if (r == 0 && rct_end > bound)
     r = move_multi (q, false, res);
   pthread_mutex_unlock (&q->lock);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_exclusive (q);
   return r;
 }
 
@@ -403,7 +401,7 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
 
   /* Truncate after the last used cluster (keeping keep_erased bytes). */
   if (r == 0) {
-    pthread_rwlock_wrlock (&q->io_lock);
+    io_lock_exclusive (q);
     pthread_mutex_lock (&q->lock);
     r = metadata_sync (q);
     if (r == 0)
@@ -426,7 +424,7 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
       }
     }
     pthread_mutex_unlock (&q->lock);
-    pthread_rwlock_unlock (&q->io_lock);
+    io_unlock_exclusive (q);
   }
   res->new_size = div_round_up (q->file_size, 512);
   if (progress && r == 0)

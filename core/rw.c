@@ -56,7 +56,8 @@ read_class (struct qcow *q, enum ckind k)
 }
 
 /* ---- per-thread stat shards ---- */
-static __thread unsigned shard_plus_one;   /* 0: not assigned yet */
+static __thread unsigned shard_plus_one
+  __attribute__ ((tls_model ("initial-exec")));   /* 0: not assigned yet */
 static unsigned next_shard;
 
 unsigned
@@ -111,7 +112,7 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
   uint8_t *p = buf;
   const uint64_t cs = q->cluster_size;
   const bool fast = fast_path_ok (q);
-  pthread_rwlock_rdlock (&q->io_lock);
+  io_lock_shared (q);
   while (count > 0) {
     uint64_t gc = offset >> q->cluster_bits, in = offset & (cs - 1);
     uint64_t len = cs - in < count ? cs - in : count;
@@ -157,7 +158,7 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
       break;
     p += len; offset += len; count -= len;
   }
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_shared (q);
   return r == -ENOTSUP ? -EIO : r;
 }
 
@@ -201,7 +202,7 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
   /* The L2 table must exist (and not be shared) before the data is
    * written. */
   struct centry *e;
-  if ((r = l2_get_table (q, gc >> q->l2_bits, true, &e)) < 0)
+  if ((r = l2_get_slice (q, gc, true, &e)) < 0)
     return r;
   if (reuse)
     host = m->host;
@@ -357,7 +358,7 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
   stat_add (q, STAT_WRITES, 1);
   const uint8_t *p = buf;
   const uint64_t cs = q->cluster_size;
-  pthread_rwlock_rdlock (&q->io_lock);
+  io_lock_shared (q);
   if (fast_path_ok (q) && __atomic_load_n (&q->modified, __ATOMIC_ACQUIRE) &&
       !__atomic_load_n (&q->compacting, __ATOMIC_RELAXED))
     r = write_fast (q, &p, &offset, &count);
@@ -415,7 +416,7 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
   }
   pthread_mutex_unlock (&q->lock);
  out:
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_shared (q);
   if (r == 0 && (flags & QCOW_FUA))
     r = flush_all (q);
   return r == -ENOTSUP ? -EIO : r;
