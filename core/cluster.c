@@ -254,25 +254,35 @@ l2_fast_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
 int
 l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
 {
-  memset (m, 0, sizeof *m);
   if (!e) {
+    memset (m, 0, sizeof *m);
     m->kind = q->extl2 ? C_SUBCL : C_UNALLOC;
     return 0;
   }
-  const uint8_t *ep = L2E (q, e->data, l2_slice_index (q, gc));
+  return l2_decode_at (q, gc, L2E (q, e->data, l2_slice_index (q, gc)),
+                       e->offset + L2E_OFF (q, gc), m);
+}
+
+/* The same from the entry at EP (in a table or a slice), which is at
+ * AT in the file (for messages). */
+int
+l2_decode_at (struct qcow *q, uint64_t gc, const uint8_t *ep, uint64_t at,
+              struct cmap *m)
+{
+  memset (m, 0, sizeof *m);
   uint64_t ent = rd64 (ep);
   if (q->extl2)
     m->bitmap = rd64 (ep + 8);
   m->copied = ent & ENTRY_COPIED;
   if ((ent & ENTRY_COMPRESSED) && q->data_path) {
-    return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+    return qcow_corrupt (q, "L2 table", at,
                          "compressed cluster at guest offset 0x%" PRIx64
                          " in an image with an external data file",
                          gc << q->cluster_bits);
   }
   if (ent & ENTRY_COMPRESSED) {
     if (q->extl2 && m->bitmap) {
-      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+      return qcow_corrupt (q, "L2 table", at,
                            "compressed cluster at guest offset 0x%" PRIx64
                            " has a subcluster bitmap", gc << q->cluster_bits);
     }
@@ -286,7 +296,7 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
     if ((ent & ENTRY_ZERO) || (alloc & zero) || (alloc && !off) ||
         (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
                  off >= q->file_size))) {
-      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+      return qcow_corrupt (q, "L2 table", at,
                            "extended entry for guest offset 0x%" PRIx64
                            " is invalid (0x%016" PRIx64 " 0x%016" PRIx64 ")",
                            gc << q->cluster_bits, ent, m->bitmap);
@@ -301,7 +311,7 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
     /* External data file: host offset = guest offset, or unallocated. */
     bool alloc = off || (ent & ENTRY_COPIED);
     if (alloc && off != gc << q->cluster_bits) {
-      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+      return qcow_corrupt (q, "L2 table", at,
                            "entry for guest offset 0x%" PRIx64 " points to 0x%"
                            PRIx64 ": with an external data file they must "
                            "be equal", gc << q->cluster_bits, off);
@@ -313,7 +323,7 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
   }
   if (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
               off >= q->file_size)) {
-    return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+    return qcow_corrupt (q, "L2 table", at,
                          "entry for guest offset 0x%" PRIx64 " points to 0x%"
                          PRIx64 " %s", gc << q->cluster_bits, off,
                          off % q->cluster_size ? "which is misaligned"

@@ -221,6 +221,7 @@ struct qcow {
   bool dirty_bit_set;      /* we set the header's dirty bit */
   bool data_unsynced;      /* data written since the last fdatasync */
   uint8_t *zero_cluster;   /* cluster_size zero bytes */
+  uint8_t *map_buf;        /* an L2 table read by map.c (q->lock) */
 
   struct qcow_stats stats;  /* except what the shards count */
   struct stat_shard shard[STAT_SHARDS];
@@ -366,6 +367,8 @@ struct cmap {
 int l2_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
 bool l2_fast_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
 int l2_decode (struct qcow *q, uint64_t gcluster, const struct centry *e, struct cmap *m);
+int l2_decode_at (struct qcow *q, uint64_t gcluster, const uint8_t *ep, uint64_t at,
+                  struct cmap *m);
 /* GC's L2 slice (the cache entry holding its entry), NULL in *EP if no
  * table is allocated and !ALLOC; with ALLOC the table is created if
  * needed, and made unshared. */

@@ -39,6 +39,7 @@ qcow_free (struct qcow *q)
   free (q->rct);
   free (q->pending_free);
   free (q->zero_cluster);
+  free (q->map_buf);
   free (q);
 }
 
