@@ -130,7 +130,9 @@ flush_all (struct qcow *q)
   r = metadata_sync (q);
   size_t durable = q->npending;
   pthread_mutex_unlock (&q->lock);
-  if (r == 0)
+  /* Only if metadata was written (an overwrite-only workload writes
+   * none): the data was synced above. */
+  if (r == 0 && __atomic_load_n (&q->data_unsynced, __ATOMIC_RELAXED))
     r = io_sync (q);
   if (r == 0 && durable > 0) {
     /* The removals are durable: let the space be reused once no request
