@@ -66,7 +66,7 @@ struct cache {
  * line shared between CPUs), summed by qcow_get_stats ---- */
 enum stat_counter { STAT_READS, STAT_WRITES, STAT_L2_HITS, STAT_L2_MISSES,
                     STAT_NR };
-#define STAT_SHARDS 16
+#define STAT_SHARDS 64           /* nbdkit runs 16 threads a connection */
 struct stat_shard {
   uint64_t v[STAT_NR];
   unsigned readers;        /* io_lock holders counted here (iolock.c) */
