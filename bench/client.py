@@ -7,6 +7,13 @@
       at a time, then flush.  Prints the seconds that took (connecting not
       included).  --no-hole sets NBD_CMD_FLAG_NO_HOLE.
 
+  client.py open [--offset N] -- SERVER-COMMAND...
+      Start the server command with systemd socket activation (libnbd
+      runs it on a socket of its own), connect, read 4 KiB at N (default
+      0), disconnect.  Prints the seconds from starting the server to the
+      read's reply: the server's start-up, opening the image and a first
+      read.
+
   client.py latency URI --pid PID --image IMG --trims FILE [options]
       Measures what background compaction does to a client's writes.
       Writes 4 KiB blocks at random offsets, one at a time (each waits for
@@ -68,6 +75,16 @@ def zero(a):
 
 
 # ---- latency ----------------------------------------------------------------
+
+def open_read(a):
+    h = nbd.NBD()
+    t0 = time.monotonic()
+    h.connect_systemd_socket_activation(a.command)
+    h.pread(BLOCK, a.offset)
+    elapsed = time.monotonic() - t0
+    h.shutdown()
+    print(f"{elapsed:.4f}")
+
 
 def compaction_thread(pid):
     tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
@@ -276,6 +293,9 @@ def main():
     s.add_argument("uri")
     s.add_argument("--no-hole", action="store_true")
     s.add_argument("--request", type=size, default=64 << 20)
+    s = sub.add_parser("open")
+    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("command", nargs="+")
     s = sub.add_parser("latency")
     s.add_argument("uri")
     s.add_argument("--pid", type=int, required=True)
@@ -288,7 +308,7 @@ def main():
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--trace")
     a = p.parse_args()
-    {"zero": zero, "latency": latency}[a.cmd](a)
+    {"zero": zero, "open": open_read, "latency": latency}[a.cmd](a)
 
 
 if __name__ == "__main__":

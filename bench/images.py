@@ -16,6 +16,19 @@ stdin); the patterns are seeded, so the same SEED gives the same image.
       Pick about F of the clusters in runs of 1 to 8 clusters scattered
       over the disk; print "V OFFSET LENGTH" per run (V: write (with a
       pattern), discard, or "-" for bare "OFFSET LENGTH" lines).
+  images.py iolog SIZE --total T --piece P --seed S --rw read|write
+            --count N [--block B] [--io-seed S2]
+      A fio iolog (replayed by `fio --read_iolog`, the file named "nbd" as
+      fio's nbd engine names it) of N B-byte (default 4k) reads or writes
+      at random B-aligned places inside the pieces that `scatter` with the
+      same SIZE, T, P and S writes.
+  images.py settle FILE...
+      Give each file the same page cache state whatever wrote it: write
+      back and drop its cached pages, then read its data back (SEEK_DATA:
+      holes are skipped) 1 MiB at a time with readahead off, so that it is
+      cached in small pages, as random 4k I/O leaves it, rather than in the
+      large ones a big sequential write or a readahead makes (writing 4k
+      into a large cached page costs the kernel much more).
   images.py text OUT SIZE --seed S [--corpus-dir D]
       Write a raw file OUT of SIZE bytes that compresses, but not
       trivially: each 64 KiB holds a random slice of the text files found
@@ -48,11 +61,48 @@ def fill(a, out):
 
 
 def scatter(a, out):
+    for i, slot in enumerate(scatter_slots(a)):
+        out.write(f"write -P {pattern(i)} {slot * a.piece} {a.piece}\n")
+
+
+def scatter_slots(a):
     slots = a.size // a.piece
     count = min(slots, a.total // a.piece)
-    rng = random.Random(a.seed)
-    for i, slot in enumerate(sorted(rng.sample(range(slots), count))):
-        out.write(f"write -P {pattern(i)} {slot * a.piece} {a.piece}\n")
+    return sorted(random.Random(a.seed).sample(range(slots), count))
+
+
+def iolog(a, out):
+    slots = scatter_slots(a)
+    rng = random.Random(a.io_seed)
+    blocks = a.piece // a.block
+    out.write("fio version 2 iolog\nnbd add\nnbd open\n")
+    for _ in range(a.count):
+        off = rng.choice(slots) * a.piece + rng.randrange(blocks) * a.block
+        out.write(f"nbd {a.rw} {off} {a.block}\n")
+    out.write("nbd close\n")
+
+
+def settle(a, _out):
+    for path in a.files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            end, off = os.fstat(fd).st_size, 0
+            while off < end:
+                try:
+                    off = os.lseek(fd, off, os.SEEK_DATA)
+                except OSError:
+                    break                   # only a hole is left
+                hole = os.lseek(fd, off, os.SEEK_HOLE)
+                while off < hole:
+                    n = len(os.pread(fd, min(1 << 20, hole - off), off))
+                    if n == 0:
+                        break
+                    off += n
+        finally:
+            os.close(fd)
 
 
 def alternate(a, out):
@@ -141,6 +191,17 @@ def main():
     s.add_argument("--fraction", type=float, required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--verb", default="-", choices=["-", "write", "discard"])
+    s = sub.add_parser("iolog")
+    s.add_argument("size", type=size)
+    s.add_argument("--total", type=size, required=True)
+    s.add_argument("--piece", type=size, required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--rw", choices=["read", "write"], required=True)
+    s.add_argument("--count", type=int, required=True)
+    s.add_argument("--block", type=size, default=4096)
+    s.add_argument("--io-seed", type=int, default=2)
+    s = sub.add_parser("settle")
+    s.add_argument("files", nargs="+")
     s = sub.add_parser("text")
     s.add_argument("out")
     s.add_argument("size", type=size)
@@ -149,7 +210,7 @@ def main():
     a = p.parse_args()
     out = sys.stdout
     {"fill": fill, "scatter": scatter, "alternate": alternate, "runs": runs,
-     "text": text}[a.cmd](a, out)
+     "iolog": iolog, "settle": settle, "text": text}[a.cmd](a, out)
 
 
 if __name__ == "__main__":

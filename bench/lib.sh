@@ -3,7 +3,8 @@
 #
 # Sets: top bench results runs so filter_so plugin_args qemu_opts data
 # sockdir out;
-# provides: die, parse_size, now, elapsed, start_server, stop_server,
+# provides: die, parse_size, now, elapsed, start_server, server_command,
+# stop_server,
 # rotate, record, check_image, require_space.
 #
 # bench/run exports BENCH_OUT (the directory where each section leaves
@@ -129,6 +130,21 @@ start_server () {
     sed 's/^/  /' "$data/server.log" >&2
     stop_server 2>/dev/null
     return 1
+}
+
+# server_command [-r] SERVER IMAGE [PLUGIN-ARGS...]: print the command line
+# of SERVER (plugin, qemu or raw) for IMAGE, one word per line, without a
+# socket: for libnbd's socket activation (bench/client.py open).
+server_command () {
+    local ro=()
+    if [[ $1 == -r ]]; then ro=(-r); shift; fi
+    local server=$1 img=$2; shift 2
+    case $server in
+        plugin) printf '%s\n' nbdkit "${ro[@]}" "$so" file="$img" "${plugin_args[@]}" "$@" ;;
+        qemu)   printf '%s\n' qemu-nbd "${ro[@]}" "${qemu_opts[@]}" "$img" ;;
+        raw)    printf '%s\n' nbdkit "${ro[@]}" file file="$img" ;;
+        *)      die "unknown server $server" ;;
+    esac
 }
 
 # stop_server: set rss to the server's peak RSS in KiB ("-" if it is gone),

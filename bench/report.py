@@ -48,14 +48,13 @@ def metric(path):
     if job["error"]:
         sys.exit(f"{path}: fio reported error {job['error']}")
     opts = job["job options"]
-    direction = "read" if job["read"]["io_bytes"] else "write"
-    stats = job[direction]
-    if not stats["io_bytes"]:
+    done = [job[d] for d in ("read", "write") if job[d]["io_bytes"]]
+    if not done:
         sys.exit(f"{path}: no I/O was done")
-    if parse_size(opts["bs"]) < 1 << 20:
-        value, unit = stats["iops"], "IOPS"
+    if parse_size(opts["bs"]) < 1 << 20:       # mixed: reads + writes
+        value, unit = sum(d["iops"] for d in done), "IOPS"
     else:
-        value, unit = stats["bw_bytes"] / (1 << 20), "MiB/s"
+        value, unit = sum(d["bw_bytes"] for d in done) / (1 << 20), "MiB/s"
     print(f"{value:.1f}\t{unit}\t{opts['description']}")
 
 
@@ -215,6 +214,8 @@ def versus(path):
     # floor: bench/floor.c, an nbdkit plugin that does no work: the best
     # any nbdkit plugin can do, and its speed-up the best one possible.
     floor = any("floor" in row or ("floor", "fail") in row for row in rows)
+    # raw: nbdkit's file plugin on the same data in a raw file.
+    raw = any("raw" in row or ("raw", "fail") in row for row in rows)
 
     def speedup(row, p, q):
         return ratio(q, p) if row["unit"] == "s" else ratio(p, q)
@@ -234,6 +235,9 @@ def versus(path):
         if unmap:
             u, u_text = cell(row, "qemu-unmap")
             line += [u_text, speedup(row, p, u)]
+        if raw:
+            w, w_text = cell(row, "raw")
+            line += [w_text, speedup(row, p, w)]
         if floor:
             f, f_text = cell(row, "floor")
             line += [f_text, speedup(row, f, q)]
@@ -241,6 +245,8 @@ def versus(path):
     head = ["", "plugin", "qemu-nbd", "speed-up", "target", "met"]
     if unmap:
         head += ["qemu-nbd --discard=unmap", "speed-up vs it"]
+    if raw:
+        head += ["raw (file plugin)", "vs raw"]
     if floor:
         head += ["nbdkit floor", "floor's speed-up"]
     print("\n".join(markdown(

@@ -100,6 +100,13 @@ params_config (struct params *p, const char *key, const char *value)
     return parse_size (value, &c->compact_rate);
   if (strcmp (key, "keep-erased") == 0)
     return parse_size (value, &c->keep_erased);
+  if (strcmp (key, "cache-size") == 0) {
+    if ((r = parse_size (value, &c->cache_size)) == 1 && c->cache_size == 0) {
+      nbdkit_error ("%s must be more than 0", key);
+      return -1;
+    }
+    return r;
+  }
   if (strcmp (key, "backing") == 0) {
     if ((r = parse_bool (value, &b)) == 1)
       c->no_backing = !b;

@@ -61,6 +61,8 @@ int params_ready (const struct params *p, struct qcow *q, const char *name);
   P "data-file=<PATH>      Use this external data file instead of the header's.\n" \
   P "compact-after-unmaps=<SIZE>  Compact in the background once SIZE was freed.\n" \
   P "compact-rate=<SIZE>   Bytes it moves a second at most (default 64M; 0: no limit).\n" \
-  P "keep-erased=<SIZE>    Free space compaction keeps at the end of the file."
+  P "keep-erased=<SIZE>    Free space compaction keeps at the end of the file.\n" \
+  P "cache-size=<SIZE>     Metadata cache (L2 tables and refcount blocks);\n" \
+  P "                      default: enough L2 for the whole image, up to 32M."
 
 #endif /* QCOW_PARAMS_H */

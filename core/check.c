@@ -627,7 +627,7 @@ int
 qcow_check (struct qcow *q, struct qcow_check_result *res, qcow_check_cb cb,
             void *opaque)
 {
-  pthread_rwlock_wrlock (&q->io_lock);
+  io_lock_exclusive (q);
   pthread_mutex_lock (&q->lock);
   int r = q->read_only ? 0 : metadata_sync (q);
   if (r == 0 && !q->read_only)
@@ -635,7 +635,7 @@ qcow_check (struct qcow *q, struct qcow_check_result *res, qcow_check_cb cb,
   if (r == 0)
     r = check_image (q->img, res, cb, opaque);
   pthread_mutex_unlock (&q->lock);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_exclusive (q);
   return r;
 }
 

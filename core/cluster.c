@@ -33,89 +33,178 @@ mark_l1_dirty (struct qcow *q, uint64_t idx)
   }
 }
 
-/* The cached L2 table for L1 index IDX; NULL in *EP if none is allocated
- * and !ALLOC.  With ALLOC the table is created if needed, and a table
- * that is about to be modified must not be shared. */
-int
-l2_get_table (struct qcow *q, uint64_t idx, bool alloc, struct centry **ep)
+/* Slices per L2 table, and the cache key of table IDX's first slice. */
+static uint64_t spt (struct qcow *q) { return 1ULL << (q->l2_bits - q->sl_bits); }
+static uint64_t first_key (struct qcow *q, uint64_t idx) { return idx << (q->l2_bits - q->sl_bits); }
+
+/* Where L1 entry IDX points (0: no table), validated. */
+static int
+table_offset (struct qcow *q, uint64_t idx, uint64_t *off)
 {
+  assert (idx < q->h.l1_size);     /* guest offsets are checked first */
+  *off = q->l1[idx] & L1_OFFSET_MASK;
+  if (*off && (*off % q->cluster_size != 0 || *off < q->cluster_size ||
+               *off >= q->file_size))
+    return qcow_corrupt (q, "L1 table", q->h.l1_table_offset + idx * 8,
+                         "entry %" PRIu64 " points to an L2 table at 0x%"
+                         PRIx64 " %s", idx, *off, *off % q->cluster_size
+                         ? "that is misaligned" : *off < q->cluster_size
+                         ? "inside the header" : "beyond the end of the file");
+  return 0;
+}
+
+int
+l2_read_table (struct qcow *q, uint64_t idx, uint8_t *buf)
+{
+  uint64_t off;
+  struct centry *e;
+  if (spt (q) == 1 && idx < q->h.l1_size &&
+      (e = cache_peek (&q->l2_cache, first_key (q, idx)))) {
+    memcpy (buf, e->data, q->cluster_size);   /* maybe not written yet */
+    return 0;
+  }
+  int r = table_offset (q, idx, &off);
+  if (r < 0)
+    return r;
+  if (!off)
+    memset (buf, 0, q->cluster_size);
+  else if ((r = io_pread (q, buf, q->cluster_size, off)) < 0)
+    return r;
+  const size_t es = q->l2_cache.esize;
+  for (uint64_t s = 0; s < spt (q); s++) {
+    struct centry *e = cache_peek (&q->l2_cache, first_key (q, idx) + s);
+    if (e)
+      memcpy (buf + s * es, e->data, es);
+  }
+  return 0;
+}
+
+/* Table IDX as it is now (with CLEAR_COPIED, no entry claiming COPIED)
+ * written whole at TO; the cached slices follow it there. */
+static int
+write_table_at (struct qcow *q, uint64_t idx, uint64_t to, bool clear_copied)
+{
+  const uint64_t cs = q->cluster_size;
+  const size_t es = q->l2_cache.esize;
+  uint8_t *buf = malloc (cs);
+  if (!buf)
+    return -ENOMEM;
+  int r = l2_read_table (q, idx, buf);
+  if (r == 0 && clear_copied)
+    for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++)
+      wr64 (L2E (q, buf, j), rd64 (L2E (q, buf, j)) & ~ENTRY_COPIED);
+  if (r == 0)
+    r = io_pwrite (q, buf, cs, to);
+  free (buf);
+  if (r < 0)
+    return r;
+  for (uint64_t s = 0; s < spt (q); s++) {
+    struct centry *e = cache_peek (&q->l2_cache, first_key (q, idx) + s);
+    if (!e)
+      continue;
+    if (clear_copied)
+      for (uint64_t j = 0; j < (1ULL << q->sl_bits); j++)
+        wr64_whole (L2E (q, e->data, j), rd64 (L2E (q, e->data, j)) & ~ENTRY_COPIED);
+    e->offset = to + s * es;
+  }
+  return 0;
+}
+
+int
+l2_move_table (struct qcow *q, uint64_t idx, uint64_t to)
+{
+  return write_table_at (q, idx, to, false);
+}
+
+void
+l2_drop_table (struct qcow *q, uint64_t idx)
+{
+  for (uint64_t s = 0; s < spt (q); s++)
+    cache_drop (&q->l2_cache, first_key (q, idx) + s);
+}
+
+/* Table IDX is about to be modified: it must not be shared.  If its
+ * refcount says it is (a snapshot refers to it), copy it to a new
+ * cluster for the active L1.  Its data clusters keep their refcounts
+ * (they are now reached once through each copy instead of twice through
+ * one), but they are shared, so no entry in the copy may claim COPIED.
+ * The old table loses our reference once the new L1 entry is durable. */
+static int
+unshare_table (struct qcow *q, uint64_t idx)
+{
+  uint64_t rc, old = q->l1[idx] & L1_OFFSET_MASK;
+  int r;
+  if ((r = rc_get (q, old >> q->cluster_bits, &rc)) < 0)
+    return r;
+  if (rc == 1) {
+    __atomic_store_n (&q->l1[idx], q->l1[idx] | ENTRY_COPIED, __ATOMIC_RELEASE);
+    mark_l1_dirty (q, idx);
+    return 0;
+  }
+  uint64_t c, got;
+  bool fresh;
+  if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
+    return r;
+  if ((r = write_table_at (q, idx, c << q->cluster_bits, true)) < 0) {
+    rc_free (q, c, 1);
+    return r;
+  }
+  __atomic_store_n (&q->l1[idx], (c << q->cluster_bits) | ENTRY_COPIED, __ATOMIC_RELEASE);
+  mark_l1_dirty (q, idx);
+  rc_defer_free (q, old >> q->cluster_bits);
+  return 0;
+}
+
+int
+l2_get_slice (struct qcow *q, uint64_t gc, bool alloc, struct centry **ep)
+{
+  const uint64_t idx = gc >> q->l2_bits, key = gc >> q->sl_bits;
+  const uint64_t soff = (key & (spt (q) - 1)) * q->l2_cache.esize;
+  uint64_t off;
   int r;
   *ep = NULL;
   assert (idx < q->h.l1_size);     /* guest offsets are checked first */
-  struct centry *e = cache_peek (&q->l2_cache, idx);
-  if (e) {
-    *ep = e;
-    if (alloc && !(q->l1[idx] & ENTRY_COPIED))
-      goto check_shared;
-    return cache_get (q, &q->l2_cache, idx, e->offset, false, ep);   /* LRU touch */
-  }
-  uint64_t off = q->l1[idx] & L1_OFFSET_MASK;
+  struct centry *e = cache_peek (&q->l2_cache, key);
+  if (e && (!alloc || q->l1[idx] & ENTRY_COPIED))
+    return cache_get (q, &q->l2_cache, key, e->offset, false, ep);   /* LRU touch */
+  if ((r = table_offset (q, idx, &off)) < 0)
+    return r;
   if (!off) {
     if (!alloc)
       return 0;
+    /* A new table.  Only this slice is made in the cache: the rest of
+     * the cluster is written as zeros now (so that it also lies inside
+     * the file when another slice is read). */
     uint64_t c, got;
     bool fresh;
     if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
       return r;
-    if ((r = cache_get (q, &q->l2_cache, idx, c << q->cluster_bits, true, ep)) < 0) {
+    if (spt (q) > 1)
+      r = io_pwrite (q, q->zero_cluster, q->cluster_size, c << q->cluster_bits);
+    if (r == 0)
+      r = cache_get (q, &q->l2_cache, key, (c << q->cluster_bits) + soff, true, ep);
+    if (r < 0) {
       rc_free (q, c, 1);
       return r;
     }
-    q->l1[idx] = (c << q->cluster_bits) | ENTRY_COPIED;
-    goto l1_dirty;
-  }
-  if (off % q->cluster_size != 0 || off < q->cluster_size ||
-      off >= q->file_size) {
-    return qcow_corrupt (q, "L1 table", q->h.l1_table_offset + idx * 8,
-                         "entry %" PRIu64 " points to an L2 table at 0x%"
-                         PRIx64 " %s", idx, off, off % q->cluster_size
-                         ? "that is misaligned" : off < q->cluster_size
-                         ? "inside the header" : "beyond the end of the file");
-  }
-  if ((r = cache_get (q, &q->l2_cache, idx, off, false, ep)) < 0)
-    return r;
-  if (!alloc || q->l1[idx] & ENTRY_COPIED)
+    __atomic_store_n (&q->l1[idx], (c << q->cluster_bits) | ENTRY_COPIED, __ATOMIC_RELEASE);
+    mark_l1_dirty (q, idx);
     return 0;
- check_shared: ;
-  uint64_t rc;
-  if ((r = rc_get (q, (q->l1[idx] & L1_OFFSET_MASK) >> q->cluster_bits, &rc)) < 0)
-    return r;
-  if ((r = cache_get (q, &q->l2_cache, idx, q->l1[idx] & L1_OFFSET_MASK, false, ep)) < 0)
-    return r;
-  if (rc == 1)
-    q->l1[idx] |= ENTRY_COPIED;
-  else {
-    /* Shared with a snapshot: copy the table to a new cluster for the
-     * active L1.  Its data clusters keep their refcounts (they are now
-     * reached once through each copy instead of twice through one), but
-     * they are shared, so no entry in the copy may claim COPIED.  The old
-     * table loses our reference once the new L1 entry is durable. */
-    uint64_t c, got, old = q->l1[idx] & L1_OFFSET_MASK;
-    bool fresh;
-    if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
-      return r;
-    if ((r = cache_get (q, &q->l2_cache, idx, old, false, ep)) < 0) {
-      rc_free (q, c, 1);
-      return r;
-    }
-    e = *ep;
-    for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++)
-      wr64 (L2E (q, e->data, j), rd64 (L2E (q, e->data, j)) & ~ENTRY_COPIED);
-    e->offset = c << q->cluster_bits;
-    cache_mark_dirty (&q->l2_cache, e);
-    q->l1[idx] = e->offset | ENTRY_COPIED;
-    rc_defer_free (q, old >> q->cluster_bits);
   }
- l1_dirty:
-  mark_l1_dirty (q, idx);
-  return 0;
+  if (alloc && !(q->l1[idx] & ENTRY_COPIED)) {
+    if ((r = unshare_table (q, idx)) < 0)
+      return r;
+    off = q->l1[idx] & L1_OFFSET_MASK;
+  }
+  e = cache_peek (&q->l2_cache, key);
+  return cache_get (q, &q->l2_cache, key, e ? e->offset : off + soff, false, ep);
 }
 
 int
 l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
 {
   struct centry *e;
-  int r = l2_get_table (q, gc >> q->l2_bits, false, &e);
+  int r = l2_get_slice (q, gc, false, &e);
   if (r < 0) {
     memset (m, 0, sizeof *m);
     return r;
@@ -123,30 +212,77 @@ l2_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
   return l2_decode (q, gc, e, m);
 }
 
+/* The lock-free lookup of the read and overwrite fast path (rw.c): with
+ * io_lock held shared but not q->lock, GC's mapping if its L2 table is
+ * cached (or not allocated at all) and the entry is a plain one: data,
+ * zero or unallocated, in an image without extended L2 entries or an
+ * external data file (the caller checks those).  False: take the locked
+ * path (which also reports damaged entries).  The L1 table and the slot
+ * array are replaced only with io_lock held exclusively. */
+bool
+l2_fast_lookup (struct qcow *q, uint64_t gc, struct cmap *m)
+{
+  uint64_t idx = gc >> q->l2_bits, ent;
+  if (idx >= q->h.l1_size)
+    return false;
+  if (!cache_read_word (&q->l2_cache, gc >> q->sl_bits, l2_slice_index (q, gc) << 3,
+                        &ent)) {
+    /* Not cached: fine if there is no table (a table linked since was
+     * published in the cache first). */
+    if (__atomic_load_n (&q->l1[idx], __ATOMIC_ACQUIRE) & L1_OFFSET_MASK)
+      return false;
+    ent = 0;
+  }
+  uint64_t off = ent & L2_OFFSET_MASK;
+  if (ent & ENTRY_COMPRESSED)
+    return false;
+  if (off && (off & (q->cluster_size - 1) || off < q->cluster_size ||
+              off >= __atomic_load_n (&q->file_size, __ATOMIC_RELAXED)))
+    return false;
+  m->copied = ent & ENTRY_COPIED;
+  m->host = off;
+  m->bitmap = 0;
+  if (q->h.version >= 3 && (ent & ENTRY_ZERO))
+    m->kind = off ? C_ZERO_ALLOC : C_ZERO;
+  else
+    m->kind = off ? C_DATA : C_UNALLOC;
+  return true;
+}
+
 /* Guest cluster GC's mapping from its L2 table E (NULL: none allocated),
  * validated. */
 int
 l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
 {
-  memset (m, 0, sizeof *m);
   if (!e) {
+    memset (m, 0, sizeof *m);
     m->kind = q->extl2 ? C_SUBCL : C_UNALLOC;
     return 0;
   }
-  const uint8_t *ep = L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1));
+  return l2_decode_at (q, gc, L2E (q, e->data, l2_slice_index (q, gc)),
+                       e->offset + L2E_OFF (q, gc), m);
+}
+
+/* The same from the entry at EP (in a table or a slice), which is at
+ * AT in the file (for messages). */
+int
+l2_decode_at (struct qcow *q, uint64_t gc, const uint8_t *ep, uint64_t at,
+              struct cmap *m)
+{
+  memset (m, 0, sizeof *m);
   uint64_t ent = rd64 (ep);
   if (q->extl2)
     m->bitmap = rd64 (ep + 8);
   m->copied = ent & ENTRY_COPIED;
   if ((ent & ENTRY_COMPRESSED) && q->data_path) {
-    return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+    return qcow_corrupt (q, "L2 table", at,
                          "compressed cluster at guest offset 0x%" PRIx64
                          " in an image with an external data file",
                          gc << q->cluster_bits);
   }
   if (ent & ENTRY_COMPRESSED) {
     if (q->extl2 && m->bitmap) {
-      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+      return qcow_corrupt (q, "L2 table", at,
                            "compressed cluster at guest offset 0x%" PRIx64
                            " has a subcluster bitmap", gc << q->cluster_bits);
     }
@@ -160,7 +296,7 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
     if ((ent & ENTRY_ZERO) || (alloc & zero) || (alloc && !off) ||
         (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
                  off >= q->file_size))) {
-      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+      return qcow_corrupt (q, "L2 table", at,
                            "extended entry for guest offset 0x%" PRIx64
                            " is invalid (0x%016" PRIx64 " 0x%016" PRIx64 ")",
                            gc << q->cluster_bits, ent, m->bitmap);
@@ -175,7 +311,7 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
     /* External data file: host offset = guest offset, or unallocated. */
     bool alloc = off || (ent & ENTRY_COPIED);
     if (alloc && off != gc << q->cluster_bits) {
-      return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+      return qcow_corrupt (q, "L2 table", at,
                            "entry for guest offset 0x%" PRIx64 " points to 0x%"
                            PRIx64 ": with an external data file they must "
                            "be equal", gc << q->cluster_bits, off);
@@ -187,7 +323,7 @@ l2_decode (struct qcow *q, uint64_t gc, const struct centry *e, struct cmap *m)
   }
   if (off && (off % q->cluster_size != 0 || off < q->cluster_size ||
               off >= q->file_size)) {
-    return qcow_corrupt (q, "L2 table", e->offset + L2E_OFF (q, gc),
+    return qcow_corrupt (q, "L2 table", at,
                          "entry for guest offset 0x%" PRIx64 " points to 0x%"
                          PRIx64 " %s", gc << q->cluster_bits, off,
                          off % q->cluster_size ? "which is misaligned"
@@ -213,11 +349,11 @@ int
 l2_set_with_bitmap (struct qcow *q, uint64_t gc, uint64_t entry, uint64_t bitmap)
 {
   struct centry *e;
-  int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
+  int r = l2_get_slice (q, gc, true, &e);
   if (r < 0)
     return r;
-  uint8_t *ep = L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1));
-  wr64 (ep, entry);
+  uint8_t *ep = L2E (q, e->data, l2_slice_index (q, gc));
+  wr64_whole (ep, entry);
   if (q->extl2)
     wr64 (ep + 8, bitmap);
   cache_mark_dirty (&q->l2_cache, e);
@@ -231,18 +367,18 @@ int
 l2_set (struct qcow *q, uint64_t gc, uint64_t entry)
 {
   struct centry *e;
-  int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
+  int r = l2_get_slice (q, gc, true, &e);
   if (r < 0)
     return r;
   l2_set_in (q, e, gc, entry);
   return 0;
 }
 
-/* The same in E, GC's L2 table, already in hand (and not shared). */
+/* The same in E, GC's L2 slice, already in hand (and not shared). */
 void
 l2_set_in (struct qcow *q, struct centry *e, uint64_t gc, uint64_t entry)
 {
-  wr64 (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
+  wr64_whole (L2E (q, e->data, l2_slice_index (q, gc)), entry);
   cache_mark_dirty (&q->l2_cache, e);
   if (entry & L2_OFFSET_MASK)
     note_link (q);              /* it may point at data not synced yet */
@@ -254,9 +390,9 @@ int
 l2_set_synced (struct qcow *q, uint64_t gc, uint64_t entry)
 {
   struct centry *e;
-  int r = l2_get_table (q, gc >> q->l2_bits, true, &e);
+  int r = l2_get_slice (q, gc, true, &e);
   if (r == 0) {
-    wr64 (L2E (q, e->data, gc & ((1ULL << q->l2_bits) - 1)), entry);
+    wr64_whole (L2E (q, e->data, l2_slice_index (q, gc)), entry);
     cache_mark_dirty (&q->l2_cache, e);
   }
   return r;

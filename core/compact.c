@@ -168,7 +168,7 @@ exclusive (struct run *run)
       ts.tv_sec++;
       ts.tv_nsec -= 1000000000;
     }
-    if (pthread_rwlock_clockwrlock (&q->io_lock, CLOCK_MONOTONIC, &ts) == 0)
+    if (io_lock_exclusive_until (q, &ts) == 0)
       return t0;
     longest (&run->rep.excl, now () - t0);
     run->rep.drain_timeouts++;
@@ -229,11 +229,10 @@ collect_sources (struct qcow *q, uint64_t bound, struct srclist *l)
   for (uint64_t i = 0; i < q->h.l1_size && r == 0; i++) {
     pthread_mutex_lock (&q->lock);        /* one L2 table at a time */
     uint64_t l2off = i < q->h.l1_size ? q->l1[i] & L1_OFFSET_MASK : 0;
-    struct centry *e = NULL;
-    if (l2off && (r = l2_get_table (q, i, false, &e)) == 0 && e)
-      memcpy (buf, e->data, cs);
+    if (l2off)
+      r = l2_read_table (q, i, buf);
     pthread_mutex_unlock (&q->lock);
-    if (r < 0 || !e)
+    if (r < 0 || !l2off)
       continue;
     if ((l2off >> q->cluster_bits) >= bound)
       r = add_source (l, (struct source) { l2off >> q->cluster_bits, SRC_L2, i, 0 });
@@ -322,10 +321,8 @@ move_table (struct run *run, const struct source *s, uint64_t dst)
   int r;
   uint64_t off = dst << q->cluster_bits;
   if (s->kind == SRC_L2) {
-    if ((r = cache_get (q, &q->l2_cache, s->key, s->host << q->cluster_bits, false, &e)) < 0)
+    if ((r = l2_move_table (q, s->key, off)) < 0)
       return r;
-    e->offset = off;
-    cache_mark_dirty (&q->l2_cache, e);
     q->l1[s->key] = off | ENTRY_COPIED;
     mark_l1_dirty (q, s->key);
   }
@@ -476,7 +473,7 @@ move_batch (struct run *run, struct item *items, size_t *moved)
   qsort (q->moving, nmarks, sizeof *q->moving, cmp_mark);
   q->nmoving = nmarks;
   pthread_mutex_unlock (&q->lock);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_exclusive (q);
   double t1 = now ();
   longest (&run->rep.excl, t1 - t0);
   run->paced_bytes += (*moved + n) * q->cluster_size;
@@ -654,7 +651,7 @@ move_tables (struct run *run, uint64_t bound)
   if (r == 0 && table_beyond (q, false, bound))
     r = move_multi (q, false, run->res);
   pthread_mutex_unlock (&q->lock);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_exclusive (q);
   longest (&run->rep.excl, now () - t0);
   return r;
 }
@@ -721,7 +718,7 @@ truncate_tail (struct run *run)
     else
       more = false;
     pthread_mutex_unlock (&q->lock);
-    pthread_rwlock_unlock (&q->io_lock);
+    io_unlock_exclusive (q);
     longest (&run->rep.excl, now () - t0);
     if (!more || r < 0)
       return r;
@@ -759,7 +756,7 @@ take_frees (struct run *run)
       run->frees[k++] = run->frees[i];
   }
   run->nfrees = k;
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_exclusive (q);
   longest (&run->rep.excl, now () - t0);
   int r = apply_freeing (q, &f);
   pthread_mutex_unlock (&q->lock);
@@ -924,7 +921,9 @@ qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
   }
   struct compact_report rep = { 0 };
   pthread_mutex_lock (&q->compact_lock);
+  __atomic_store_n (&q->compacting, true, __ATOMIC_RELAXED);   /* rw.c */
   int r = compact_run (q, progress, opaque, res, &rep);
+  __atomic_store_n (&q->compacting, false, __ATOMIC_RELAXED);
   pthread_mutex_unlock (&q->compact_lock);
   if (qcow_in_background)
     qcow_debugf ("%s: background compaction: %.3f s, %" PRIu64 " batches, %"

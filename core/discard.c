@@ -93,8 +93,9 @@ clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
   return r < 0 ? r : clear_mapped (q, gc, &m, NULL, trim, mode, write_host);
 }
 
-/* clear_cluster for the clusters [gc, gend) of one L2 table, the table
- * looked up once (a whole-disk zero touches every entry): when it is
+/* clear_cluster for the clusters [gc, gend) of one L2 table, as far as
+ * the end of GC's slice, looked up once (a whole-disk zero touches every
+ * entry): when the table is
  * allocated and unshared, no allocation is in flight and there is no
  * external data file.  Returns the first cluster not handled, left to
  * clear_cluster (one that needs zeros written, or all of them when the
@@ -104,11 +105,14 @@ clear_table (struct qcow *q, uint64_t gc, uint64_t gend, bool trim,
              enum clear_mode mode, uint64_t *nclusters, int *r)
 {
   const uint64_t idx = gc >> q->l2_bits;
+  const uint64_t send = ((gc >> q->sl_bits) + 1) << q->sl_bits;
   struct centry *e;
   *r = 0;
   if (q->data_path || q->inflight || !(q->l1[idx] & ENTRY_COPIED) ||
-      l2_get_table (q, idx, false, &e) < 0 || !e)
+      l2_get_slice (q, gc, false, &e) < 0 || !e)
     return gc;
+  if (gend > send)
+    gend = send;                /* the rest in the next slice */
   for (; gc < gend; gc++) {
     struct cmap m;
     uint64_t host;
@@ -197,9 +201,9 @@ qcow_discard (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
   if (q->backing_path && q->h.version < 3)
     return 0;     /* no zero flag: unlinking would expose the backing file */
   uint64_t n;
-  pthread_rwlock_rdlock (&q->io_lock);
+  io_lock_shared (q);
   r = clear_range (q, count, offset, true, CLEAR_UNLINK, false, &n);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_shared (q);
   __atomic_add_fetch (&q->stats.discarded, n, __ATOMIC_RELAXED);
   if (r == 0 && (flags & QCOW_FUA))
     r = flush_all (q);
@@ -308,9 +312,9 @@ qcow_zero (struct qcow *q, uint64_t count, uint64_t offset, unsigned flags)
       (r = zero_partial (q, offset + count - tail_start, tail_start)) < 0)
     return r;
   uint64_t n;
-  pthread_rwlock_rdlock (&q->io_lock);
+  io_lock_shared (q);
   r = clear_range (q, count, offset, false, mode, flags & QCOW_FAST_ZERO, &n);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_shared (q);
   __atomic_add_fetch (&q->stats.erased, n, __ATOMIC_RELAXED);
   if (r == -EAGAIN) {           /* part of a compressed cluster: write */
     if (flags & QCOW_FAST_ZERO)

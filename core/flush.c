@@ -140,7 +140,9 @@ flush_all (struct qcow *q)
   size_t durable = q->npending;
   uint64_t gen = ++q->meta_gen;
   pthread_mutex_unlock (&q->lock);
-  if (r == 0)
+  /* Only if metadata was written (an overwrite-only workload writes
+   * none): the data was synced above. */
+  if (r == 0 && __atomic_load_n (&q->data_unsynced, __ATOMIC_RELAXED))
     r = sync_links (q);
   if (r == 0) {
     pthread_mutex_lock (&q->lock);
@@ -151,11 +153,11 @@ flush_all (struct qcow *q)
     /* The removals are durable: let the space be reused once no request
      * that looked up an old mapping is still in flight. */
     struct freeing f;
-    pthread_rwlock_wrlock (&q->io_lock);
+    io_lock_exclusive (q);
     pthread_mutex_lock (&q->lock);
     r = rc_deferred_take (q, durable, &f);
     pthread_mutex_unlock (&q->lock);
-    pthread_rwlock_unlock (&q->io_lock);
+    io_unlock_exclusive (q);
     /* Hole punching is slow (the kernel frees the blocks, drops cached
      * pages, may discard on the device: about a second for 4 GiB on
      * ext4): it is done with no lock held, while the clusters are still

@@ -23,29 +23,54 @@
 
 static inline uint64_t div_round_up (uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
+/* Store a table word whole (lock-free readers: cache.c). */
+static inline void
+wr64_whole (void *p, uint64_t v)
+{
+  __atomic_store_n ((uint64_t *) p, htobe64 (v), __ATOMIC_RELEASE);
+}
+
 /* The Jth entry of an L2 table (extended entries are 16 bytes: the
  * descriptor, then the subcluster bitmap). */
 #define L2E(q, table, j) ((uint8_t *) (table) + ((uint64_t) (j) << (q)->l2_esh))
-/* The byte offset of guest cluster GC's entry inside its L2 table. */
-#define L2E_OFF(q, gc) (((gc) & ((1ULL << (q)->l2_bits) - 1)) << (q)->l2_esh)
+/* The byte offset of guest cluster GC's entry inside its L2 cache entry
+ * (a whole table, or a slice of one: cache.c). */
+#define L2E_OFF(q, gc) (((gc) & ((1ULL << (q)->sl_bits) - 1)) << (q)->l2_esh)
 
 /* ---- cache.c: metadata table cache (L2 tables, refcount blocks) ---- */
 struct centry {
   uint64_t key;            /* L1 index or refcount table index */
   uint64_t offset;         /* host offset of the table cluster */
-  uint8_t *data;           /* one cluster, big-endian as on disk */
+  uint8_t *data;           /* one cluster, big-endian as on disk; the
+                              same buffer for the entry's lifetime */
   bool dirty;
-  struct centry *prev, *next;   /* LRU list, most recent first */
+  bool referenced;         /* used by the lock-free path since it was
+                              last at the cold end of the LRU list */
+  unsigned seq;            /* odd while key and data change (cache.c) */
+  struct centry *prev, *next;   /* LRU list, most recent first; next
+                                   links the spare list */
 };
 struct cache {
   const char *what;        /* "L2 table" / "refcount block" */
   int (*writeback) (struct qcow *q);   /* every dirty table, in order */
+  size_t esize;            /* bytes per entry */
   struct centry **slot;    /* by key */
   uint64_t nslots;
   size_t count, max;
   size_t ndirty;
   struct centry lru;       /* sentinel */
+  struct centry *spare;    /* dropped entries, kept for reuse */
 };
+
+/* ---- counters updated on every request: per thread shards (no cache
+ * line shared between CPUs), summed by qcow_get_stats ---- */
+enum stat_counter { STAT_READS, STAT_WRITES, STAT_L2_HITS, STAT_L2_MISSES,
+                    STAT_NR };
+#define STAT_SHARDS 64           /* nbdkit runs 16 threads a connection */
+struct stat_shard {
+  uint64_t v[STAT_NR];
+  unsigned readers;        /* io_lock holders counted here (iolock.c) */
+} __attribute__ ((aligned (64)));
 
 /* ---- backend.c: the storage under an image (qcow.h) ---- */
 #define IOV_MAX_CORE 8     /* pieces of one pwritev, at most */
@@ -144,6 +169,8 @@ struct qcow {
   uint64_t cluster_size;
   unsigned l2_bits;        /* log2 entries per L2 table */
   unsigned l2_esh;         /* log2 bytes per L2 entry: 3, or 4 (extended) */
+  unsigned sl_bits;        /* log2 L2 entries per L2 cache entry (slice):
+                              l2_bits, or fewer (cache.c: caches_setup) */
   bool extl2;              /* extended L2 entries: 32 subclusters each */
   unsigned sc_bits;        /* log2 subcluster size */
   unsigned rb_bits;        /* log2 entries per refcount block */
@@ -151,8 +178,15 @@ struct qcow {
 
   pthread_mutex_t lock;    /* guards everything below (see above) */
   pthread_cond_t alloc_cond;
-  pthread_rwlock_t io_lock;/* shared by data I/O; exclusive to free space */
+  struct {                 /* shared by data I/O; exclusive to free space */
+    bool writer;           /* iolock.c */
+    pthread_mutex_t m;
+    pthread_cond_t cond;
+  } io_lock;
   pthread_mutex_t compact_lock;  /* one compaction at a time */
+  bool compacting;         /* qcow_compact runs: it may mark clusters in
+                              flight (with io_lock exclusive), so rw.c's
+                              lock-free overwrite is off */
   pthread_mutex_t flush_lock;    /* one flush_all at a time */
   /* + 1 by each flush_all as it writes the metadata (meta_gen), and that
    * number once it is durable (durable_gen): what was in memory when
@@ -203,9 +237,29 @@ struct qcow {
   bool dirty_bit_set;      /* we set the header's dirty bit */
   bool data_unsynced;      /* data written since the last fdatasync */
   uint8_t *zero_cluster;   /* cluster_size zero bytes */
+  uint8_t *map_buf;        /* an L2 table read by map.c (q->lock) */
 
-  struct qcow_stats stats;
+  struct qcow_stats stats;  /* except what the shards count */
+  struct stat_shard shard[STAT_SHARDS];
 };
+
+/* This thread's stat shard (assigned round robin on first use). */
+unsigned stat_shard_index (void);
+static inline void
+stat_add (struct qcow *q, enum stat_counter k, uint64_t n)
+{
+  __atomic_fetch_add (&q->shard[stat_shard_index ()].v[k], n, __ATOMIC_RELAXED);
+}
+void stats_sum (struct qcow *q, struct qcow_stats *st);
+
+/* ---- iolock.c ---- */
+void io_lock_init (struct qcow *q);
+void io_lock_destroy (struct qcow *q);
+void io_lock_shared (struct qcow *q);
+void io_unlock_shared (struct qcow *q);
+void io_lock_exclusive (struct qcow *q);
+int io_lock_exclusive_until (struct qcow *q, const struct timespec *deadline);
+void io_unlock_exclusive (struct qcow *q);
 
 /* ---- msg.c ---- */
 void qcow_errorf (const char *file, const char *fmt, ...)
@@ -266,14 +320,20 @@ size_t header_build (uint8_t *buf, size_t bufsize, const struct qcow_create_opts
                      uint64_t l1_offset, uint32_t l1_size);
 
 /* ---- cache.c ---- */
-void cache_init (struct cache *c, const char *what, size_t max,
+#define QCOW_DEFAULT_L2_CACHE (32u << 20)   /* QEMU's default maximum */
+void cache_init (struct cache *c, const char *what, size_t max, size_t esize,
                  int (*writeback) (struct qcow *q));
+int caches_setup (struct qcow *q, int (*writeback) (struct qcow *q));
+/* L2 cache slots for an L1 table of N entries. */
+static inline uint64_t l2_slots (struct qcow *q, uint64_t n)
+{ return n << (q->l2_bits - q->sl_bits); }
 int cache_resize_slots (struct cache *c, uint64_t nslots);
 void cache_free (struct cache *c);
 /* Find KEY (loading it from OFFSET on a miss, or zero-filling if FRESH). */
 int cache_get (struct qcow *q, struct cache *c, uint64_t key, uint64_t offset,
                bool fresh, struct centry **ep);
 struct centry *cache_peek (struct cache *c, uint64_t key);
+bool cache_read_word (struct cache *c, uint64_t key, size_t off, uint64_t *v);
 void cache_mark_dirty (struct cache *c, struct centry *e);
 int cache_write_dirty (struct qcow *q, struct cache *c);
 void cache_drop (struct cache *c, uint64_t key);
@@ -322,8 +382,25 @@ struct cmap {
   uint64_t bitmap;         /* C_SUBCL: subcluster allocation/zero bits */
 };
 int l2_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
+bool l2_fast_lookup (struct qcow *q, uint64_t gcluster, struct cmap *m);
 int l2_decode (struct qcow *q, uint64_t gcluster, const struct centry *e, struct cmap *m);
-int l2_get_table (struct qcow *q, uint64_t l1_index, bool alloc, struct centry **ep);
+int l2_decode_at (struct qcow *q, uint64_t gcluster, const uint8_t *ep, uint64_t at,
+                  struct cmap *m);
+/* GC's L2 slice (the cache entry holding its entry), NULL in *EP if no
+ * table is allocated and !ALLOC; with ALLOC the table is created if
+ * needed, and made unshared. */
+int l2_get_slice (struct qcow *q, uint64_t gcluster, bool alloc, struct centry **ep);
+/* Index of GC's entry in its slice; clusters per slice. */
+static inline uint64_t l2_slice_index (struct qcow *q, uint64_t gc)
+{ return gc & ((1ULL << q->sl_bits) - 1); }
+/* The whole L2 table IDX as it is now (the file, with the cached slices
+ * over it) into BUF (one cluster); zeros if not allocated. */
+int l2_read_table (struct qcow *q, uint64_t idx, uint8_t *buf);
+/* Write table IDX whole at host offset TO and make the cache point there
+ * (the caller then points L1 at it). */
+int l2_move_table (struct qcow *q, uint64_t idx, uint64_t to);
+/* Forget every cached slice of table IDX (its changes are written). */
+void l2_drop_table (struct qcow *q, uint64_t idx);
 int l2_set (struct qcow *q, uint64_t gcluster, uint64_t entry);
 void l2_set_in (struct qcow *q, struct centry *e, uint64_t gcluster, uint64_t entry);
 int l2_set_with_bitmap (struct qcow *q, uint64_t gcluster, uint64_t entry, uint64_t bitmap);

@@ -18,6 +18,10 @@ static struct {
   bool short_write, persistent;
 } faults[QCOW_FAULT_NR];
 static uint64_t nfaults;
+/* Nothing is counted until a fault is armed or the counts reset: an
+ * atomic increment of a counter shared by every thread would cost each
+ * request a cache line moved between CPUs. */
+static bool counting;
 
 void
 qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
@@ -25,6 +29,7 @@ qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
 {
   if (op >= QCOW_FAULT_NR)
     return;
+  __atomic_store_n (&counting, true, __ATOMIC_SEQ_CST);
   __atomic_store_n (&faults[op].count, 0, __ATOMIC_SEQ_CST);
   faults[op].err = err ? err : EIO;
   faults[op].short_write = short_write;
@@ -35,6 +40,7 @@ qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
 void
 qcow_debug_reset (void)
 {
+  __atomic_store_n (&counting, true, __ATOMIC_SEQ_CST);
   for (int i = 0; i < QCOW_FAULT_NR; i++) {
     __atomic_store_n (&faults[i].nth, 0, __ATOMIC_SEQ_CST);
     __atomic_store_n (&faults[i].count, 0, __ATOMIC_SEQ_CST);
@@ -50,6 +56,8 @@ uint64_t qcow_debug_faults (void)
 static int
 fault (enum qcow_fault_op op, bool *short_write)
 {
+  if (!__atomic_load_n (&counting, __ATOMIC_RELAXED))
+    return 0;
   uint64_t c = __atomic_add_fetch (&faults[op].count, 1, __ATOMIC_SEQ_CST);
   uint64_t nth = __atomic_load_n (&faults[op].nth, __ATOMIC_SEQ_CST);
   if (nth == 0 || c < nth || (c > nth && !faults[op].persistent))

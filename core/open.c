@@ -30,7 +30,7 @@ qcow_free (struct qcow *q)
   qcow_backend_free (q->img);
   pthread_mutex_destroy (&q->lock);
   pthread_cond_destroy (&q->alloc_cond);
-  pthread_rwlock_destroy (&q->io_lock);
+  io_lock_destroy (q);
   pthread_mutex_destroy (&q->compact_lock);
   pthread_mutex_destroy (&q->flush_lock);
   pthread_cond_destroy (&q->bg_cond);
@@ -39,6 +39,7 @@ qcow_free (struct qcow *q)
   free (q->rct);
   free (q->pending_free);
   free (q->zero_cluster);
+  free (q->map_buf);
   free (q);
 }
 
@@ -116,7 +117,9 @@ int
 connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
                struct chain *chain, struct qcow **qp)
 {
-  struct qcow *q = calloc (1, sizeof *q);
+  struct qcow *q = aligned_alloc (_Alignof (struct qcow), sizeof *q);
+  if (q)
+    memset (q, 0, sizeof *q);
   if (!q) {
     qcow_errorf (b->name, "out of memory");
     qcow_backend_free (b);
@@ -131,11 +134,7 @@ connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
   pthread_cond_init (&q->bg_cond, NULL);
   pthread_cond_init (&q->punch_cond, NULL);
   q->punch_tail = &q->punch_head;
-  pthread_rwlockattr_t attr;
-  pthread_rwlockattr_init (&attr);
-  pthread_rwlockattr_setkind_np (&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
-  pthread_rwlock_init (&q->io_lock, &attr);
-  pthread_rwlockattr_destroy (&attr);
+  io_lock_init (q);
   if (cfg)
     q->cfg = *cfg;
   else
@@ -180,17 +179,7 @@ connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
   if ((r = check_tables (q)) < 0)
     goto fail;
 
-  /* Caches: enough L2 tables to map the whole image, up to 32 MiB. */
-  uint64_t budget = q->cfg.cache_size ? q->cfg.cache_size : 32u << 20;
-  uint64_t l2max = budget / q->cluster_size;
-  if (l2max > q->h.l1_size) l2max = q->h.l1_size;
-  uint64_t rbmax = budget / 4 / q->cluster_size;
-  if (rbmax > q->rct_entries) rbmax = q->rct_entries;
-  cache_init (&q->l2_cache, "L2 table", l2max < 16 ? 16 : l2max, metadata_sync);
-  cache_init (&q->refblock_cache, "refcount block", rbmax < 16 ? 16 : rbmax,
-              metadata_sync);
-  if ((r = cache_resize_slots (&q->l2_cache, q->h.l1_size)) < 0 ||
-      (r = cache_resize_slots (&q->refblock_cache, q->rct_entries)) < 0)
+  if ((r = caches_setup (q, metadata_sync)) < 0)
     goto fail;
   q->frontier = div_round_up (q->file_size, q->cluster_size);
   q->free_hint = 1;
@@ -330,7 +319,7 @@ begin_modify (struct qcow *q)
       return r;
     q->dirty_bit_set = true;
   }
-  q->modified = true;
+  __atomic_store_n (&q->modified, true, __ATOMIC_RELEASE);   /* rw.c */
   return 0;
 }
 
@@ -382,4 +371,5 @@ qcow_get_stats (struct qcow *q, struct qcow_stats *st)
   pthread_mutex_lock (&q->lock);
   *st = q->stats;
   pthread_mutex_unlock (&q->lock);
+  stats_sum (q, st);
 }

@@ -265,6 +265,15 @@ QCOW_API int qcow_rebuild_refcount_table (struct qcow *q);
 #define QCOW_EXTENT_ZERO 2u    /* reads as zeros */
 QCOW_API int qcow_map (struct qcow *q, uint64_t offset, uint64_t count,
               uint64_t *len, unsigned *flags);
+/* The same for the whole range: FN is called for each run in order
+ * (OFFSET, LEN, FLAGS), with the image's lock held (it must not call
+ * back into the library), until the range is covered or FN returns
+ * nonzero.  Returns 0, or -errno.  Cheaper than a qcow_map per run: each
+ * L2 table is looked at once. */
+typedef int (*qcow_extent_fn) (uint64_t offset, uint64_t len, unsigned flags,
+                               void *opaque);
+QCOW_API int qcow_map_all (struct qcow *q, uint64_t offset, uint64_t count,
+                           qcow_extent_fn fn, void *opaque);
 /* The next offset >= FROM that may hold data / that is a hole; the virtual
  * size if there is none. */
 QCOW_API int64_t qcow_seek_mapped (struct qcow *q, uint64_t from);
@@ -411,7 +420,8 @@ enum qcow_fault_op {
 QCOW_API void qcow_debug_inject (enum qcow_fault_op op, uint64_t nth, int err,
                         bool short_write, bool persistent);
 QCOW_API void qcow_debug_reset (void);
-/* Calls of OP since the last inject/reset, and faults injected in all. */
+/* Calls of OP since the last inject/reset, and faults injected in all.
+ * Calls are counted only once inject or reset has been called. */
 QCOW_API uint64_t qcow_debug_count (enum qcow_fault_op op);
 QCOW_API uint64_t qcow_debug_faults (void);
 

@@ -49,10 +49,11 @@ count_l1 (struct qcow *q, uint16_t *counts, uint64_t E, const uint64_t *l1,
       continue;
     if ((r = count_ref (q, counts, E, l2off, 1, "L2 table")) < 0)
       return r;
-    struct centry *e = active ? cache_peek (&q->l2_cache, i) : NULL;
-    if (e)
-      memcpy (l2, e->data, cs);
-    else if ((r = io_pread (q, l2, cs, l2off)) < 0)
+    if (active)
+      r = l2_read_table (q, i, (uint8_t *) l2);   /* with cached changes */
+    else
+      r = io_pread (q, l2, cs, l2off);
+    if (r < 0)
       return r;
     for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++) {
       uint64_t ent = rd64 (L2E (q, l2, j));
@@ -184,7 +185,7 @@ qcow_rebuild_refcount_table (struct qcow *q)
     ERR (q, "image is open read-only");
     return -EROFS;
   }
-  pthread_rwlock_wrlock (&q->io_lock);
+  io_lock_exclusive (q);
   pthread_mutex_lock (&q->lock);
   /* Rebuild before anything else changes the file (begin_modify would
    * set the dirty bit, clear autoclear bits), so that an image whose
@@ -205,6 +206,6 @@ qcow_rebuild_refcount_table (struct qcow *q)
   if (r == 0)
     r = begin_modify (q);
   pthread_mutex_unlock (&q->lock);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_exclusive (q);
   return r;
 }

@@ -36,7 +36,7 @@ grow_l1 (struct qcow *q, uint64_t entries)
   r = io_pwrite (q, buf, nclusters * cs, first << q->cluster_bits);
   free (buf);
   if (r < 0 || (r = metadata_sync (q)) < 0 || (r = io_sync (q)) < 0 ||
-      (r = cache_resize_slots (&q->l2_cache, entries)) < 0) {
+      (r = cache_resize_slots (&q->l2_cache, l2_slots (q, entries))) < 0) {
     free (l1);
     return r;
   }
@@ -60,16 +60,16 @@ discard_tail (struct qcow *q, uint64_t from)
 {
   int r;
   for (uint64_t idx = from >> q->l2_bits; idx < q->h.l1_size; idx++) {
-    struct centry *e;
-    if ((r = l2_get_table (q, idx, false, &e)) < 0)
-      return r;
-    if (!e)
+    struct centry *e = NULL;
+    if (!(q->l1[idx] & L1_OFFSET_MASK))
       continue;
-    if ((r = l2_get_table (q, idx, true, &e)) < 0)
-      return r;
     uint64_t j0 = idx == (from >> q->l2_bits) ? from & ((1ULL << q->l2_bits) - 1) : 0;
     for (uint64_t j = j0; j < (1ULL << q->l2_bits); j++) {
-      uint8_t *ep = L2E (q, e->data, j);
+      uint64_t gc = (idx << q->l2_bits) + j;
+      if ((j == j0 || l2_slice_index (q, gc) == 0) &&
+          (r = l2_get_slice (q, gc, true, &e)) < 0)
+        return r;
+      uint8_t *ep = L2E (q, e->data, l2_slice_index (q, gc));
       uint64_t ent = rd64 (ep);
       if (q->extl2 && rd64 (ep + 8)) {
         wr64 (ep + 8, 0);
@@ -89,7 +89,7 @@ discard_tail (struct qcow *q, uint64_t from)
       uint64_t off = q->l1[idx] & L1_OFFSET_MASK;
       if ((r = metadata_sync (q)) < 0)
         return r;
-      cache_drop (&q->l2_cache, idx);
+      l2_drop_table (q, idx);
       q->l1[idx] = 0;
       mark_l1_dirty (q, idx);
       rc_defer_free (q, off >> q->cluster_bits);
@@ -120,7 +120,7 @@ qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss)
          "(use --ignore-data-loss)", q->h.size, new_size);
     return -EINVAL;
   }
-  pthread_rwlock_wrlock (&q->io_lock);
+  io_lock_exclusive (q);
   pthread_mutex_lock (&q->lock);
   r = begin_modify (q);
   const uint64_t cs = q->cluster_size;
@@ -148,6 +148,6 @@ qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss)
   if (r == 0)
     r = rc_apply_deferred (q);
   pthread_mutex_unlock (&q->lock);
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_exclusive (q);
   return r;
 }

@@ -1,8 +1,11 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* rw.c - the read and write path.
  *
- * A request looks up its clusters under q->lock, copies the mapping and
- * drops the lock before the data I/O; it holds io_lock shared throughout,
+ * A request looks up its clusters, copies the mapping and does the data
+ * I/O with no lock but io_lock held; the lookup is lock-free when the L2
+ * table is cached and the entry is plain data, zero or unallocated (see
+ * l2_fast_lookup and cache.c), and under q->lock otherwise.  It holds
+ * io_lock shared throughout,
  * so nothing it looked up can be freed and reused under it (freeing takes
  * io_lock exclusively).  Writes to clusters already allocated and not
  * shared are a lookup plus a pwrite.  An allocating write reserves host
@@ -52,39 +55,88 @@ read_class (struct qcow *q, enum ckind k)
   }
 }
 
+/* ---- per-thread stat shards ---- */
+static __thread unsigned shard_plus_one
+  __attribute__ ((tls_model ("initial-exec")));   /* 0: not assigned yet */
+static unsigned next_shard;
+
+unsigned
+stat_shard_index (void)
+{
+  if (__builtin_expect (shard_plus_one == 0, 0))
+    shard_plus_one = __atomic_fetch_add (&next_shard, 1, __ATOMIC_RELAXED) % STAT_SHARDS + 1;
+  return shard_plus_one - 1;
+}
+
+void
+stats_sum (struct qcow *q, struct qcow_stats *st)
+{
+  uint64_t v[STAT_NR] = { 0 };
+  for (unsigned i = 0; i < STAT_SHARDS; i++)
+    for (unsigned k = 0; k < STAT_NR; k++)
+      v[k] += __atomic_load_n (&q->shard[i].v[k], __ATOMIC_RELAXED);
+  st->reads += v[STAT_READS];
+  st->writes += v[STAT_WRITES];
+  st->l2_cache_hits += v[STAT_L2_HITS];
+  st->l2_cache_misses += v[STAT_L2_MISSES];
+}
+
 /* ---- read ---- */
+
+/* Does guest cluster M2, which starts AT bytes past the start of M's
+ * cluster, read the same way as M, continuing it? */
+static bool
+continues (struct qcow *q, const struct cmap *m, const struct cmap *m2, uint64_t at)
+{
+  enum rclass c = read_class (q, m->kind);
+  return c == read_class (q, m2->kind) &&
+    (c == R_ZERO || c == R_BACKING ||
+     (c == R_DATA && m2->host == m->host + (at & ~(q->cluster_size - 1))));
+}
+
+/* The fast path (no q->lock; see l2_fast_lookup) for an image whose
+ * entries it understands. */
+static bool
+fast_path_ok (struct qcow *q)
+{
+  return !q->extl2 && !q->data_path;
+}
+
 int
 qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
 {
   int r = check_range (q, count, offset);
   if (r < 0)
     return r;
-  __atomic_add_fetch (&q->stats.reads, 1, __ATOMIC_RELAXED);
+  stat_add (q, STAT_READS, 1);
   uint8_t *p = buf;
   const uint64_t cs = q->cluster_size;
-  pthread_rwlock_rdlock (&q->io_lock);
+  const bool fast = fast_path_ok (q);
+  io_lock_shared (q);
   while (count > 0) {
     uint64_t gc = offset >> q->cluster_bits, in = offset & (cs - 1);
     uint64_t len = cs - in < count ? cs - in : count;
     struct cmap m, m2;
-    pthread_mutex_lock (&q->lock);
-    r = l2_lookup (q, gc, &m);
-    /* Extend over clusters of the same kind (contiguous for data). */
-    while (r == 0 && len < count) {
-      r = l2_lookup (q, gc + div_round_up (in + len, cs), &m2);
+    if (fast && l2_fast_lookup (q, gc, &m)) {
+      /* Extend over clusters that read alike (contiguous for data). */
+      while (len < count &&
+             l2_fast_lookup (q, gc + div_round_up (in + len, cs), &m2) &&
+             continues (q, &m, &m2, in + len))
+        len += cs < count - len ? cs : count - len;
+    }
+    else {
+      pthread_mutex_lock (&q->lock);
+      r = l2_lookup (q, gc, &m);
+      while (r == 0 && len < count) {
+        r = l2_lookup (q, gc + div_round_up (in + len, cs), &m2);
+        if (r < 0 || !continues (q, &m, &m2, in + len))
+          break;
+        len += cs < count - len ? cs : count - len;
+      }
+      pthread_mutex_unlock (&q->lock);
       if (r < 0)
         break;
-      enum rclass c = read_class (q, m.kind);
-      bool same = c == read_class (q, m2.kind) &&
-        (c == R_ZERO || c == R_BACKING ||
-         (c == R_DATA && m2.host == m.host + ((in + len) & ~(cs - 1))));
-      if (!same)
-        break;
-      len += cs < count - len ? cs : count - len;
     }
-    pthread_mutex_unlock (&q->lock);
-    if (r < 0)
-      break;
     if (m.kind == C_DATA)
       r = io_data_pread (q, p, len, m.host + in);
     else if (m.kind == C_SUBCL)
@@ -106,7 +158,7 @@ qcow_read (struct qcow *q, void *buf, size_t count, uint64_t offset)
       break;
     p += len; offset += len; count -= len;
   }
-  pthread_rwlock_unlock (&q->io_lock);
+  io_unlock_shared (q);
   return r == -ENOTSUP ? -EIO : r;
 }
 
@@ -150,7 +202,7 @@ write_alloc (struct qcow *q, const uint8_t *p, uint64_t count, uint64_t offset,
   /* The L2 table must exist (and not be shared) before the data is
    * written. */
   struct centry *e;
-  if ((r = l2_get_table (q, gc >> q->l2_bits, true, &e)) < 0)
+  if ((r = l2_get_slice (q, gc, true, &e)) < 0)
     return r;
   if (reuse)
     host = m->host;
@@ -266,6 +318,36 @@ wait_for_punching (struct qcow *q)
   return true;
 }
 
+/* The overwrite fast path: while the clusters at OFFSET are allocated,
+ * unshared (COPIED) and cached, a lookup without q->lock and a pwrite.
+ * With io_lock held shared, after begin_modify and outside compaction
+ * (whose in-flight marks are added with io_lock exclusive, so none
+ * appears meanwhile; an allocation in flight is never of a cluster that
+ * is already allocated and unshared).  Advances *P, *OFFSET and *COUNT
+ * over what it wrote. */
+static int
+write_fast (struct qcow *q, const uint8_t **p, uint64_t *offset, size_t *count)
+{
+  const uint64_t cs = q->cluster_size;
+  while (*count > 0) {
+    uint64_t gc = *offset >> q->cluster_bits, in = *offset & (cs - 1);
+    uint64_t len = cs - in < *count ? cs - in : *count;
+    struct cmap m, m2;
+    if (!l2_fast_lookup (q, gc, &m) || m.kind != C_DATA || !m.copied)
+      return 0;
+    while (len < *count &&
+           l2_fast_lookup (q, gc + div_round_up (in + len, cs), &m2) &&
+           m2.kind == C_DATA && m2.copied &&
+           m2.host == m.host + ((in + len) & ~(cs - 1)))
+      len += cs < *count - len ? cs : *count - len;
+    int r = io_data_pwrite (q, *p, len, m.host + in);
+    if (r < 0)
+      return r;
+    *p += len; *offset += len; *count -= len;
+  }
+  return 0;
+}
+
 int
 qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
             unsigned flags)
@@ -273,10 +355,15 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
   int r = check_write_range (q, count, offset);
   if (r < 0)
     return r;
-  __atomic_add_fetch (&q->stats.writes, 1, __ATOMIC_RELAXED);
+  stat_add (q, STAT_WRITES, 1);
   const uint8_t *p = buf;
   const uint64_t cs = q->cluster_size;
-  pthread_rwlock_rdlock (&q->io_lock);
+  io_lock_shared (q);
+  if (fast_path_ok (q) && __atomic_load_n (&q->modified, __ATOMIC_ACQUIRE) &&
+      !__atomic_load_n (&q->compacting, __ATOMIC_RELAXED))
+    r = write_fast (q, &p, &offset, &count);
+  if (r < 0 || count == 0)
+    goto out;
   pthread_mutex_lock (&q->lock);
   r = begin_modify (q);
   if (count > 0)
@@ -330,7 +417,8 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
     p += len; offset += len; count -= len;
   }
   pthread_mutex_unlock (&q->lock);
-  pthread_rwlock_unlock (&q->io_lock);
+ out:
+  io_unlock_shared (q);
   if (r == 0 && (flags & QCOW_FUA))
     r = flush_all (q);
   return r == -ENOTSUP ? -EIO : r;

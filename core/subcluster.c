@@ -128,7 +128,7 @@ sc_write (struct qcow *q, const uint8_t *p, uint64_t len, uint64_t offset,
   }
 
   struct centry *e;
-  if ((r = l2_get_table (q, gc >> q->l2_bits, true, &e)) < 0)
+  if ((r = l2_get_slice (q, gc, true, &e)) < 0)
     return r;
   bool cow = old && !m->copied, fresh;
   uint64_t host = old, c, got;

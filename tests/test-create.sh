@@ -157,4 +157,14 @@ qemu-img compare -q -f qcow2 -F raw "$img" "$TMPD/zero.raw" ||
 create "$TMPD/text" create=force size=1M
 assert_qemu_check "$TMPD/text"
 
+# cache-size=: a bad value is refused at start-up with a message.
+for bad in 0 x12; do
+    status=0
+    nbdkit -U - "$QCOW_SO" file="$TMPD/text" cache-size=$bad --run 'true' \
+        2>"$TMPD/err" || status=$?
+    [ $status -eq 1 ] || die "cache-size=$bad: nbdkit exited $status, expected 1"
+    grep -q "cache-size\|could not parse\|$bad" "$TMPD/err" ||
+        die "cache-size=$bad: no message: $(cat "$TMPD/err")"
+done
+
 echo OK

@@ -7,7 +7,8 @@
 # 512 B to 2 MiB clusters, refcount_bits 1 to 64, some with data written
 # by qemu-io first).  Every read must match the in-memory model; after a
 # clean shutdown `qemu-img check` must be clean, the image must equal the
-# model for QEMU (qemu-img compare) and for the plugin reopened.
+# model for QEMU (qemu-img compare) and for the plugin reopened.  Two
+# variants run with metadata caches much smaller than the image.
 #
 #   SEED=N                 reproduce a run (the seed is always printed)
 #   QCOW_MODEL_SECONDS=S   workload time per variant (default 8)
@@ -87,6 +88,12 @@ variant qemu-v2-64k      65536 48 qemu   "compat=0.10"
 variant qemu-v3-512-rc1    512 16 qemu   "compat=1.1,refcount_bits=1"
 variant qemu-v3-2M-rc64 2097152 64 qemu  "compat=1.1,refcount_bits=64,lazy_refcounts=on"
 variant qemu-v3-4k-rc8    4096 32 qemu   "compat=1.1,refcount_bits=8"
+# Metadata caches much smaller than the image (cache-size=): L2 entries
+# evicted and reused under the lock-free read and overwrite path, as 4 KiB
+# slices of 8 KiB tables, and as whole 4 KiB tables; with online
+# compaction moving tables and data meanwhile.
+variant plugin-8k-slices  8192 128 plugin "cluster-size=8192 cache-size=40K compact-after-unmaps=256K"
+variant plugin-4k-tables  4096 64 plugin "cluster-size=4096 cache-size=20K"
 
 # A shell error inside a variant must not go unnoticed.
 [ "$passed" = "$n" ] || fail "only $passed of $n variants completed"

@@ -7,7 +7,8 @@
 #     (zlib, zstd; v2, v3; 4 KiB, 64 KiB, 2 MiB clusters), backing chains
 #     (raw and qcow2 bases, a 4-image chain mixing formats and cluster
 #     sizes, bases smaller than the overlay), internal snapshots (also with
-#     compressed clusters and 512-byte clusters), extended L2 entries
+#     compressed clusters, 512-byte clusters, and a metadata cache of L2
+#     slices), extended L2 entries
 #     (subcluster writes and zeroes, with and without a backing file) and
 #     external data files (data_file_raw on and off).  For each:
 #       read    the plugin reads exactly what `qemu-img convert` reads;
@@ -244,6 +245,14 @@ build_snap ()
     GRAN=$((64 * K))
 }
 
+# The same with a metadata cache of 4 KiB slices of the L2 tables (the
+# copy of a table shared with the snapshots made from slices).
+build_snap_slices ()
+{
+    build_snap "$@"
+    PLUGIN_ARGS=(cache-size=260K)
+}
+
 # Snapshots of an image with compressed clusters.
 build_snap_compressed ()
 {
@@ -332,6 +341,7 @@ VARIANTS=(
     "backing-small-raw-v2        build_small_raw_v2"
     "backing-small-qcow2         build_small_qcow2"
     "snapshots                   build_snap"
+    "snapshots-l2-slices         build_snap_slices"
     "snapshots-compressed        build_snap_compressed"
     "snapshots-512               build_snap_512"
     "extl2-16k                   build_extl2 16384 $((16 * M))"
@@ -365,7 +375,7 @@ run_variant ()
     fi
     mkdir "$TMPD/$name"
     cd "$TMPD/$name"
-    TOP=top.qcow2 LOWERS=() GRAN=65536 SNAPS=() DATARAW=
+    TOP=top.qcow2 LOWERS=() GRAN=65536 SNAPS=() DATARAW= PLUGIN_ARGS=()
     "${build[@]}"
     record read FAIL
 
@@ -382,7 +392,7 @@ run_variant ()
     snapshot_raws "$TOP" before "${SNAPS[@]}"
     [ ${#SNAPS[@]} -eq 0 ] || snapshot_table "$TOP" > snapshots.before
     QCOW_MODEL_ARGS="--seed $vseed --base ref.raw --out model.raw --cluster $GRAN --seconds $WORK_SECONDS --max-ops $WORK_OPS --conns 2" \
-        nbdkit -U - "$QCOW_SO" file="$TOP" \
+        nbdkit -U - "$QCOW_SO" file="$TOP" "${PLUGIN_ARGS[@]}" \
             --run '"$MODEL" "$unixsocket" $QCOW_MODEL_ARGS' ||
         die "$name: random workload failed (seed $vseed)"
     assert_qemu_check "$TOP"

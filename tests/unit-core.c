@@ -396,8 +396,9 @@ model_write_raw (const struct model *m, const char *path)
  * Image operations checked against the model.
  */
 
+/* CACHE_SIZE: the metadata cache (0: the default). */
 static struct qcow *
-open_image (const char *path, bool read_only)
+open_image_cache (const char *path, bool read_only, uint64_t cache_size)
 {
   struct qcow_config cfg;
   struct qcow *q = NULL;
@@ -405,11 +406,18 @@ open_image (const char *path, bool read_only)
 
   qcow_config_default (&cfg);
   cfg.read_only = read_only;
+  cfg.cache_size = cache_size;
   r = qcow_connect (path, &cfg, &q);
   if (!CHECK (r == 0 && q != NULL, "qcow_connect %s (%s): %s", path,
               read_only ? "read-only" : "read-write", strerror (-r)))
     return NULL;
   return q;
+}
+
+static struct qcow *
+open_image (const char *path, bool read_only)
+{
+  return open_image_cache (path, read_only, 0);
 }
 
 static bool
@@ -821,9 +829,16 @@ test_format (const struct format *f)
     qemu_info_has (path, want);
   }
 
-  /* And once more through the library after QEMU has looked at it. */
+  /* And once more through the library after QEMU has looked at it, then
+   * with the smallest metadata cache (for clusters over 4 KiB, 4 KiB
+   * slices of the L2 tables, evicted all the time). */
   if ((q = open_image (path, true)) != NULL) {
     verify_all (q, &m, &r);
+    close_image (q);
+  }
+  if ((q = open_image_cache (path, true, 1)) != NULL) {
+    if (verify_all (q, &m, &r) && check_map (q, &m))
+      check_seek (q, &m, &r);
     close_image (q);
   }
  out:
@@ -1271,6 +1286,110 @@ test_parallel (void)
   unlink (path);
 }
 
+/* Threads reading, overwriting, trimming and flushing their own clusters,
+ * scattered over a disk whose L2 tables are many times the metadata
+ * cache (4 KiB slices, evicted and reused all the time): the lock-free
+ * lookups of the read and overwrite path must never see a slice being
+ * reused, nor write where a trimmed cluster's space was handed out again. */
+#define EVICT_CLUSTERS 48          /* per thread */
+
+struct evict {
+  struct qcow *q;
+  unsigned id, nthreads;
+  uint64_t nclusters;
+  bool ok;
+};
+
+static void *
+evict_thread (void *arg)
+{
+  struct evict *p = arg;
+  const uint64_t cs = 64 * KiB;
+  char name[32];
+  uint64_t c[EVICT_CLUSTERS];
+  unsigned char *want = calloc (EVICT_CLUSTERS, cs), *buf = malloc (cs);
+  struct rng r;
+
+  snprintf (name, sizeof name, "evict-%u", p->id);
+  r = rng_for (name);
+  p->ok = want && buf;
+  for (unsigned i = 0; i < EVICT_CLUSTERS; i++)   /* distinct, this thread's */
+    c[i] = (rnd_below (&r, p->nclusters / p->nthreads / EVICT_CLUSTERS) *
+            EVICT_CLUSTERS + i) * p->nthreads + p->id;
+  for (unsigned op = 0; p->ok && op < 3000; op++) {
+    unsigned i = rnd_below (&r, EVICT_CLUSTERS);
+    uint64_t start = rnd_below (&r, cs), len = 1 + rnd_below (&r, cs - start);
+    unsigned char *w = want + i * cs;
+    unsigned kind = rnd_below (&r, 20);
+    int ret;
+    if (kind < 8) {                       /* write */
+      rnd_fill (&r, buf, len);
+      ret = qcow_write (p->q, buf, len, c[i] * cs + start, 0);
+      if (ret == 0)
+        memcpy (w + start, buf, len);
+    }
+    else if (kind < 18) {                 /* read */
+      ret = qcow_read (p->q, buf, len, c[i] * cs + start);
+      if (ret == 0)
+        p->ok = CHECK (memcmp (buf, w + start, len) == 0, "thread %u: "
+                       "cluster %" PRIu64 " [%" PRIu64 ", +%" PRIu64 ") "
+                       "differs (op %u)", p->id, c[i], start, len, op);
+    }
+    else if (kind == 18) {                /* trim the whole cluster */
+      ret = qcow_discard (p->q, cs, c[i] * cs, 0);
+      if (ret == 0)
+        memset (w, 0, cs);
+    }
+    else
+      ret = qcow_flush (p->q);
+    if (p->ok)
+      p->ok = CHECK (ret == 0, "thread %u: op %u: %s", p->id, op, strerror (-ret));
+  }
+  for (unsigned i = 0; p->ok && i < EVICT_CLUSTERS; i++) {
+    int ret = qcow_read (p->q, buf, cs, c[i] * cs);
+    p->ok = CHECK (ret == 0 && memcmp (buf, want + i * cs, cs) == 0,
+                   "thread %u: cluster %" PRIu64 " differs at the end", p->id, c[i]);
+  }
+  free (want);
+  free (buf);
+  return NULL;
+}
+
+static void
+test_parallel_evict (void)
+{
+  const char *path = path_in_tmp ("evict.qcow2");
+  struct qcow_create_opts opts;
+  struct qcow *q;
+  pthread_t th[PAR_THREADS];
+  struct evict p[PAR_THREADS];
+  struct qcow_stats st;
+
+  qcow_create_opts_default (&opts);
+  opts.size = 4096 * MiB;                  /* 128 slices of 4 KiB */
+  opts.cluster_bits = 16;
+  if (!create_image (path, &opts) ||
+      (q = open_image_cache (path, false, 1)) == NULL)
+    goto out;
+  for (unsigned i = 0; i < PAR_THREADS; i++) {
+    p[i] = (struct evict) { q, i, PAR_THREADS, opts.size >> 16, false };
+    pthread_create (&th[i], NULL, evict_thread, &p[i]);
+  }
+  for (unsigned i = 0; i < PAR_THREADS; i++)
+    pthread_join (th[i], NULL);
+  for (unsigned i = 0; i < PAR_THREADS; i++)
+    CHECK (p[i].ok, "thread %u failed", i);
+  qcow_get_stats (q, &st);
+  CHECK (st.l2_cache_misses > 1000, "only %" PRIu64 " L2 cache misses: the "
+         "cache was not small", st.l2_cache_misses);
+  if (close_image (q)) {
+    const char *check[] = { "qemu-img", "check", "-q", "-f", "qcow2", path, NULL };
+    CHECK (run (NULL, check) == 0, "qemu-img check %s is not clean", path);
+  }
+ out:
+  unlink (path);
+}
+
 /* ------------------------------------------------------------------------
  * Main.
  */
@@ -1285,6 +1404,7 @@ static const struct {
   { "resize", test_resize },
   { "refcount-growth", test_refcount_growth },
   { "parallel", test_parallel },
+  { "parallel-evict", test_parallel_evict },
 };
 
 static bool
