@@ -178,6 +178,8 @@ struct qcow {
   uint64_t frontier;       /* first host cluster never handed out and past
                               the original end of file: reads as zeros */
   uint64_t free_hint;      /* no free cluster below this one */
+  uint64_t cfill;          /* compressed writes: the next free byte in the
+                              host cluster being filled, 0 = none */
   struct inflight *inflight;
   uint64_t *pending_free;  /* host clusters to decrement once unlinked */
   size_t npending, pending_cap;
@@ -341,6 +343,8 @@ int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,
 /* ---- snapshot.c ---- */
 int snapshots_load (struct qcow *q);
 void snapshots_free (struct qcow *q);
+int snapshot_find (struct qcow *q, const char *id_or_name);
+int snapshot_select (struct qcow *q);
 
 /* ---- open.c ---- */
 int connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,

@@ -57,6 +57,8 @@ struct qcow_config {
                                   resolve: NULL for the image's directory */
   bool runtime_asserts;    /* check the whole image after every flush */
   bool locking;            /* lock the files as QEMU does; default true */
+  const char *snapshot;    /* serve this internal snapshot (its ID, else
+                              its name), read-only; NULL: the active layer */
 };
 QCOW_API void qcow_config_default (struct qcow_config *cfg);
 
@@ -110,6 +112,7 @@ struct qcow_create_opts {
   unsigned refcount_order; /* 0..6; default 4 (16 bit refcounts) */
   unsigned version;        /* 2 or 3; default 3 */
   bool lazy_refcounts;     /* default true (v3 only) */
+  unsigned compression_type;   /* 0 zlib (default), 1 zstd (v3 only) */
 };
 QCOW_API void qcow_create_opts_default (struct qcow_create_opts *opts);
 
@@ -279,6 +282,26 @@ QCOW_API void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
 
 /* Bytes of guest data allocated (clusters mapped in L2 tables). */
 QCOW_API int qcow_allocated_bytes (struct qcow *q, uint64_t *bytes);
+
+/* Compressed clusters, written as QEMU writes them (qemu-img convert -c):
+ * the image's compression type (zlib: raw deflate with a 4 KiB window;
+ * zstd), the data packed into host clusters at byte granularity, every
+ * host cluster it touches counted once more.
+ *
+ * qcow_compress compresses one cluster (cluster_size bytes at IN) into
+ * OUT (room for cluster_size bytes) and returns the compressed length,
+ * or 0 if that is not smaller than a cluster (then store it as it is);
+ * it touches nothing in Q, so callers may compress on many threads and
+ * write the results in order.  qcow_write_compressed_data stores LEN such
+ * bytes (0 < LEN < cluster_size) as guest cluster GC, freeing what GC
+ * held.  qcow_write_compressed does both (writing BUF uncompressed when
+ * it does not compress); for a last cluster that the virtual size cuts
+ * short, what BUF holds past the end is taken as zeros.  Not possible
+ * with an external data file (-ENOTSUP). */
+QCOW_API int64_t qcow_compress (struct qcow *q, const void *in, void *out);
+QCOW_API int qcow_write_compressed_data (struct qcow *q, uint64_t gc,
+                                         const void *data, size_t len);
+QCOW_API int qcow_write_compressed (struct qcow *q, const void *buf, uint64_t gc);
 
 /* Integrity check and repair of qcow2 images.
  *

@@ -401,6 +401,8 @@ rc_free (struct qcow *q, uint64_t cluster, uint64_t n)
       return r;
     if (rc == 1 && c < q->free_hint)
       q->free_hint = c;
+    if (rc == 1 && c == q->cfill >> q->cluster_bits)
+      q->cfill = 0;             /* no more compressed data into it */
   }
   return 0;
 }

@@ -97,6 +97,71 @@ snapshots_load (struct qcow *q)
   return r;
 }
 
+/* The snapshot whose ID is NAME, else the first whose name is NAME (as
+ * QEMU looks them up), or -1. */
+int
+snapshot_find (struct qcow *q, const char *name)
+{
+  for (uint32_t i = 0; i < q->nsnap; i++)
+    if (strcmp (q->snap[i].id, name) == 0)
+      return i;
+  for (uint32_t i = 0; i < q->nsnap; i++)
+    if (strcmp (q->snap[i].name, name) == 0)
+      return i;
+  return -1;
+}
+
+/* cfg.snapshot: show that snapshot instead of the active layer, read-only
+ * (qemu-nbd -l).  Its L1 table replaces the active one in memory; the
+ * rest of the core reads through it as usual.  Called by connect, after
+ * snapshots_load. */
+int
+snapshot_select (struct qcow *q)
+{
+  if (!q->cfg.snapshot)
+    return 0;
+  int i = snapshot_find (q, q->cfg.snapshot);
+  if (i < 0) {
+    ERR (q, "no snapshot '%s' (qcow-tool snapshot -l lists them)", q->cfg.snapshot);
+    return -ENOENT;
+  }
+  const struct snapshot *s = &q->snap[i];
+  uint64_t size = s->has_disk_size ? s->disk_size : q->h.size;
+  uint64_t need = div_round_up (size, q->cluster_size << q->l2_bits);
+  if (s->l1_size < need || size > (1ULL << 62)) {
+    ERR (q, "snapshot %s: L1 table of %" PRIu32 " entries cannot map its disk "
+         "size %" PRIu64, s->id, s->l1_size, size);
+    return -EINVAL;
+  }
+  uint64_t *l1 = malloc (s->l1_size ? (uint64_t) s->l1_size * 8 : 8);
+  if (!l1)
+    return -ENOMEM;
+  int r = io_pread (q, l1, (uint64_t) s->l1_size * 8, s->l1_offset);
+  for (uint32_t j = 0; r == 0 && j < s->l1_size; j++) {
+    l1[j] = be64toh (l1[j]);
+    uint64_t off = l1[j] & L1_OFFSET_MASK;
+    if (off && (off % q->cluster_size || off < q->cluster_size || off >= q->file_size)) {
+      ERR (q, "snapshot %s: L1 entry %" PRIu32 " points to an L2 table at 0x%"
+           PRIx64 " %s", s->id, j, off, off % q->cluster_size ? "that is misaligned"
+           : off < q->cluster_size ? "inside the header" : "beyond the end of the file");
+      r = -EINVAL;
+    }
+  }
+  if (r == 0)
+    r = cache_resize_slots (&q->l2_cache, s->l1_size);
+  if (r < 0) {
+    free (l1);
+    return r;
+  }
+  free (q->l1);
+  q->l1 = l1;
+  q->h.l1_size = s->l1_size;
+  q->h.size = size;
+  q->read_only = true;
+  qcow_debugf ("%s: serving snapshot %s (%s), read-only", q->filename, s->id, s->name);
+  return 0;
+}
+
 int
 qcow_snapshot_count (struct qcow *q)
 {

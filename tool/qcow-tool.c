@@ -20,13 +20,13 @@
 #include <unistd.h>
 
 #include "qcow.h"
-#include "qcow.h"
+#include "tool.h"
 
 #define PROG "qcow-tool"
 
 /* ---- messages ---- */
 
-static void __attribute__ ((format (printf, 1, 2)))
+void __attribute__ ((format (printf, 1, 2)))
 fail (const char *fmt, ...)
 {
   va_list ap;
@@ -46,7 +46,7 @@ core_error (const char *msg)
 }
 
 /* A usage error in subcommand CMD: one line, exit status 1. */
-static int __attribute__ ((format (printf, 2, 3)))
+int __attribute__ ((format (printf, 2, 3)))
 usage_error (const char *cmd, const char *fmt, ...)
 {
   va_list ap;
@@ -66,7 +66,7 @@ usage_error (const char *cmd, const char *fmt, ...)
  * (powers of 1024, either case).  A fraction needs a unit other than
  * bytes; the result is rounded to the nearest byte.  Returns false on
  * syntax error or overflow. */
-static bool
+bool
 parse_size (const char *s, uint64_t *out)
 {
   static const char units[] = "bkmgtpe";
@@ -127,7 +127,7 @@ parse_size (const char *s, uint64_t *out)
 }
 
 /* "1 GiB", "1.5 MiB", "512 B": three significant digits, as qemu-img. */
-static const char *
+const char *
 human_size (uint64_t n, char *buf, size_t len)
 {
   static const char *const suffix[] =
@@ -203,7 +203,7 @@ encryption_name (unsigned m, char *buf, size_t len)
  * characters are escaped; bytes that are not valid UTF-8 (a backing
  * file name may hold anything) become U+FFFD so the output stays valid
  * JSON. */
-static void
+void
 json_string (FILE *fp, const char *s)
 {
   const unsigned char *p = (const unsigned char *) s;
@@ -247,7 +247,7 @@ json_string (FILE *fp, const char *s)
 
 /* Write S for a terminal: control characters (a backing file name may
  * hold anything) are shown as \xNN. */
-static void
+void
 text_string (FILE *fp, const char *s)
 {
   for (const unsigned char *p = (const unsigned char *) s; *p; p++) {
@@ -730,7 +730,7 @@ cmd_resize (int argc, char **argv)
 
 /* ---- compact ---- */
 
-static void
+void
 progress_bar (int percent, void *opaque)
 {
   int *last = opaque;
@@ -986,7 +986,7 @@ print_check_json (const char *file, const struct qcow_check_result *r,
   printf ("  \"problems-truncated\": %s\n}\n", l->truncated ? "true" : "false");
 }
 
-static int
+int
 flush_stdout (void)
 {
   if (fflush (stdout) == EOF || ferror (stdout)) {
@@ -1152,6 +1152,30 @@ static const struct command commands[] = {
     "Prints one line per run of the virtual disk: its offset and length in\n"
     "bytes and whether it holds data, reads as zeros (zero) or is\n"
     "unallocated (hole), separated by tabs.  Opens the image read-only.\n" },
+  { "convert", cmd_convert,
+    "[-f qcow2|raw] [-O qcow2|raw] [-c] [--compression zlib|zstd]\n"
+    "[-o OPTIONS] [-l SNAPSHOT] [-p|--progress] SRC DST",
+    "copy a virtual disk into a new qcow2 image (-c: compressed) or raw file",
+    "Copies the virtual disk of SRC (a qcow2 image, its backing chain\n"
+    "flattened, or a raw file) into DST: a new qcow2 image, where clusters\n"
+    "that read as zeros stay unallocated, or a sparse raw file.  With -c\n"
+    "every cluster is compressed as qemu-img convert -c does, on every CPU,\n"
+    "the writes in guest order.  An existing DST is overwritten (unless it\n"
+    "is in use); a DST that did not exist is removed if the conversion fails.\n"
+    "\n"
+    "Options:\n"
+    "  -f qcow2|raw              the format of SRC (default: qcow2 if it\n"
+    "                            starts with the qcow2 magic, else raw)\n"
+    "  -O qcow2|raw              the format of DST (default qcow2)\n"
+    "  -c                        compress every cluster (qcow2 only)\n"
+    "  --compression zlib|zstd   the compression type (default zlib; zstd\n"
+    "                            needs compat=1.1)\n"
+    "  -o KEY=VALUE,...          the new image's cluster_size,\n"
+    "                            lazy_refcounts, refcount_bits, compat,\n"
+    "                            compression_type (as qemu-img create -o)\n"
+    "  -l, --snapshot=ID|NAME    read this internal snapshot of SRC\n"
+    "  -p, --progress            draw a progress bar on standard error (a\n"
+    "                            terminal)\n" },
   { "check", cmd_check, "FILE [--json]",
     "check the image's integrity (read-only); exit status as qemu-img\n"
     "      check: 0 clean, 2 corrupt, 3 leaked clusters only, 1 could not check",
