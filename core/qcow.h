@@ -229,6 +229,15 @@ struct qcow_compact_result {
 typedef void (*qcow_progress_fn) (int percent, void *opaque);
 QCOW_API int qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
                   struct qcow_compact_result *res);
+/* Commit (qemu-img commit): write the runs this image stores itself
+ * (qemu-img map's depth 0) into its backing file, qcow2 or raw, grown to
+ * the virtual size if smaller, and make that durable; then, unless KEEP,
+ * empty this image so that it reads through to the backing file.  The
+ * backing file is reopened read-write and locked (-EAGAIN with a message
+ * if another process uses it: nothing is changed then) and stays so
+ * until Q is closed.  Not while other requests use Q. */
+QCOW_API int qcow_commit (struct qcow *q, bool keep, qcow_progress_fn progress,
+                          void *opaque);
 /* Start the background thread (stopped by qcow_disconnect): it punches
  * the holes of clusters freed by a flush (with cfg.discard; without the
  * thread the flush punches them itself) and compacts once
@@ -260,6 +269,18 @@ QCOW_API int qcow_rebuild_refcount_table (struct qcow *q);
 #define QCOW_EXTENT_ZERO 2u    /* reads as zeros */
 QCOW_API int qcow_map (struct qcow *q, uint64_t offset, uint64_t count,
               uint64_t *len, unsigned *flags);
+/* The mapping of this image alone, not its backing file (what qemu-img
+ * map reports for one layer).  Describes the run starting at OFFSET (at
+ * most COUNT bytes): *LEN gets its length, *FLAGS a combination of these,
+ * and with QCOW_LAYER_OFFSET *HOST the offset in the image file (or its
+ * external data file) where the run starts, contiguous over the run.
+ * Neither DATA nor ZERO: unallocated here (the backing file shows). */
+#define QCOW_LAYER_DATA       1u   /* data stored in this image */
+#define QCOW_LAYER_ZERO       2u   /* reads as zeros, said by this image */
+#define QCOW_LAYER_OFFSET     4u   /* *HOST is valid */
+#define QCOW_LAYER_COMPRESSED 8u   /* compressed cluster (no offset) */
+QCOW_API int qcow_map_layer (struct qcow *q, uint64_t offset, uint64_t count,
+                             uint64_t *len, unsigned *flags, uint64_t *host);
 /* The next offset >= FROM that may hold data / that is a hole; the virtual
  * size if there is none. */
 QCOW_API int64_t qcow_seek_mapped (struct qcow *q, uint64_t from);
@@ -279,6 +300,11 @@ struct qcow_stats {
   uint64_t compactions;            /* compaction runs */
 };
 QCOW_API void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
+
+/* How many of the first N host clusters are in use (refcount above
+ * zero), counting no further than LIMIT. */
+QCOW_API int qcow_used_clusters (struct qcow *q, uint64_t n, uint64_t limit,
+                                 uint64_t *count);
 
 /* Bytes of guest data allocated (clusters mapped in L2 tables). */
 QCOW_API int qcow_allocated_bytes (struct qcow *q, uint64_t *bytes);

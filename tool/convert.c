@@ -11,19 +11,18 @@
  * that read as zeros stay unallocated, or a raw file, sparse.  With -c
  * every cluster is compressed as QEMU does (qcow_compress).
  *
- * The work is a pipeline.  The main thread cuts the disk into jobs of
- * up to a megabyte, aligned to the destination's allocation unit,
- * skipping ranges the source maps as zeros without reading them; worker
- * threads (one per CPU) read each job from the source, find its zero
- * units and compress the rest; the main thread writes the jobs in order,
- * so the output is laid out as the guest disk is and is the same on
- * every run.
+ * The work is a pipeline (pipeline.c).  The main thread cuts the disk
+ * into jobs of up to a megabyte, aligned to the destination's allocation
+ * unit, skipping ranges the source maps as zeros without reading them;
+ * worker threads (one per CPU) read each job from the source, find its
+ * zero units and compress the rest; the main thread writes the jobs in
+ * order, so the output is laid out as the guest disk is and is the same
+ * on every run.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -153,16 +152,7 @@ source_read (struct source *s, void *buf, uint64_t len, uint64_t off)
   return 0;
 }
 
-/* ---- the pipeline ---- */
-enum slot_state { SLOT_FREE, SLOT_READY, SLOT_BUSY, SLOT_DONE };
-struct slot {
-  enum slot_state state;
-  uint64_t seq;                 /* job number */
-  uint64_t start, len;          /* guest range */
-  uint8_t *in, *out;            /* the data; compressed clusters (at i * unit) */
-  int64_t *clen;                /* per unit: 0 zeros, > 0 compressed, < 0 as is */
-};
-
+/* ---- the conversion ---- */
 struct convert {
   struct source src;
   struct qcow *dq;              /* destination: qcow2, or */
@@ -171,21 +161,51 @@ struct convert {
   bool compress;
   uint64_t unit;                /* allocation unit of the destination */
   uint64_t size;
-
-  pthread_mutex_t lock;
-  pthread_cond_t cond;
-  struct slot *slots;
-  unsigned nslots;
-  uint64_t next_take;           /* the next job a worker takes */
-  bool stop;
-  int error;                    /* a worker failed */
+  uint64_t pos;                 /* where the next job starts looking */
+  struct progress pr;
 };
 
-/* Read and prepare one job (a worker, no lock held). */
+/* The next job: up to a chunk, ending on a chunk boundary, starting at a
+ * unit; whole units the source maps as zeros are skipped unread. */
 static int
-work (struct convert *c, struct slot *s)
+next_job (void *opaque, struct job *j)
 {
-  uint64_t off = s->start, end = s->start + s->len;
+  struct convert *c = opaque;
+  uint64_t chunk = CHUNK > c->unit ? CHUNK : c->unit;
+  while (c->pos < c->size) {
+    uint64_t l;
+    bool zero;
+    if (source_extent (&c->src, c->pos, c->size - c->pos, &l, &zero) < 0)
+      return -1;
+    if (zero && l > 0) {
+      uint64_t e = c->pos + l;
+      if (e >= c->size) {
+        c->pos = c->size;
+        break;
+      }
+      e -= e % c->unit;
+      if (e > c->pos) {
+        c->pos = e;
+        continue;
+      }
+    }
+    j->start = c->pos;
+    j->len = chunk - c->pos % chunk;
+    if (j->len > c->size - c->pos)
+      j->len = c->size - c->pos;
+    c->pos += j->len;
+    return 0;
+  }
+  return 0;
+}
+
+/* Read a job and prepare each unit: CLEN 0 zeros, > 0 compressed into
+ * OUT at the unit's place, < 0 stored as it is (a worker). */
+static int
+work (void *opaque, struct job *j)
+{
+  struct convert *c = opaque;
+  uint64_t off = j->start, end = j->start + j->len;
   while (off < end) {
     uint64_t len;
     bool zero;
@@ -194,239 +214,90 @@ work (struct convert *c, struct slot *s)
     if (len == 0)
       len = end - off;
     if (zero)
-      memset (s->in + (off - s->start), 0, len);
-    else if (source_read (&c->src, s->in + (off - s->start), len, off) < 0)
+      memset (j->in + (off - j->start), 0, len);
+    else if (source_read (&c->src, j->in + (off - j->start), len, off) < 0)
       return -1;
     off += len;
   }
-  uint64_t n = (s->len + c->unit - 1) / c->unit;
+  uint64_t n = (j->len + c->unit - 1) / c->unit;
   for (uint64_t i = 0; i < n; i++) {
-    uint64_t ulen = s->len - i * c->unit < c->unit ? s->len - i * c->unit : c->unit;
-    uint8_t *p = s->in + i * c->unit;
+    uint64_t ulen = j->len - i * c->unit < c->unit ? j->len - i * c->unit : c->unit;
+    uint8_t *p = j->in + i * c->unit;
     if (is_zero (p, ulen))
-      s->clen[i] = 0;
+      j->clen[i] = 0;
     else if (!c->compress)
-      s->clen[i] = -1;
+      j->clen[i] = -1;
     else {
       if (ulen < c->unit)       /* the last cluster, cut short: padded */
         memset (p + ulen, 0, c->unit - ulen);
-      int64_t r = qcow_compress (c->dq, p, s->out + i * c->unit);
+      int64_t r = qcow_compress (c->dq, p, j->out + i * c->unit);
       if (r < 0)
         return -1;
-      s->clen[i] = r > 0 ? r : -1;
+      j->clen[i] = r > 0 ? r : -1;
     }
   }
   return 0;
 }
 
-static void *
-worker (void *arg)
-{
-  struct convert *c = arg;
-  pthread_mutex_lock (&c->lock);
-  for (;;) {
-    struct slot *s = &c->slots[c->next_take % c->nslots];
-    while (!c->stop && !(s->state == SLOT_READY && s->seq == c->next_take)) {
-      pthread_cond_wait (&c->cond, &c->lock);
-      s = &c->slots[c->next_take % c->nslots];
-    }
-    if (c->stop)
-      break;
-    c->next_take++;
-    s->state = SLOT_BUSY;
-    pthread_mutex_unlock (&c->lock);
-    int r = work (c, s);
-    pthread_mutex_lock (&c->lock);
-    s->state = SLOT_DONE;
-    if (r < 0) {
-      c->error = -1;
-      c->stop = true;
-    }
-    pthread_cond_broadcast (&c->cond);
-  }
-  pthread_mutex_unlock (&c->lock);
-  return NULL;
-}
-
-/* Write out one prepared job (the main thread). */
+/* Write out a prepared job (the main thread, in order). */
 static int
-write_job (struct convert *c, struct slot *s)
+done (void *opaque, struct job *j)
 {
-  uint64_t n = (s->len + c->unit - 1) / c->unit;
+  struct convert *c = opaque;
+  uint64_t n = (j->len + c->unit - 1) / c->unit;
   for (uint64_t i = 0; i < n;) {
-    if (s->clen[i] == 0) {
+    if (j->clen[i] == 0) {
       i++;
       continue;
     }
-    uint64_t off = s->start + i * c->unit;
-    if (s->clen[i] > 0) {
-      if (qcow_write_compressed_data (c->dq, off / c->unit, s->out + i * c->unit,
-                                      s->clen[i]) < 0)
+    uint64_t off = j->start + i * c->unit;
+    if (j->clen[i] > 0) {
+      if (qcow_write_compressed_data (c->dq, off / c->unit, j->out + i * c->unit,
+                                      j->clen[i]) < 0)
         return -1;
       i++;
       continue;
     }
-    uint64_t j = i + 1;         /* a run of units stored as they are */
-    while (j < n && s->clen[j] < 0)
-      j++;
-    uint64_t len = (j - i) * c->unit;
-    if (off + len > s->start + s->len)
-      len = s->start + s->len - off;
-    const uint8_t *p = s->in + i * c->unit;
+    uint64_t k = i + 1;         /* a run of units stored as they are */
+    while (k < n && j->clen[k] < 0)
+      k++;
+    uint64_t len = (k - i) * c->unit;
+    if (off + len > j->start + j->len)
+      len = j->start + j->len - off;
+    const uint8_t *p = j->in + i * c->unit;
     if (c->dq) {
       if (qcow_write (c->dq, p, len, off, 0) < 0)
         return -1;
     }
     else {
-      for (uint64_t done = 0; done < len;) {
-        ssize_t r = pwrite (c->dfd, p + done, len - done, off + done);
+      for (uint64_t w = 0; w < len;) {
+        ssize_t r = pwrite (c->dfd, p + w, len - w, off + w);
         if (r < 0 && errno == EINTR)
           continue;
         if (r < 0) {
-          fail ("%s: write at offset %" PRIu64 ": %s", c->dname, off + done,
+          fail ("%s: write at offset %" PRIu64 ": %s", c->dname, off + w,
                 strerror (errno));
           return -1;
         }
-        done += r;
+        w += r;
       }
     }
-    i = j;
+    i = k;
   }
-  return 0;
-}
-
-/* The next job at or after *POS: *START and *LEN, or *LEN = 0 at the end.
- * Whole units the source maps as zeros are skipped without reading. */
-static int
-next_job (struct convert *c, uint64_t *pos, uint64_t *start, uint64_t *len)
-{
-  uint64_t chunk = CHUNK > c->unit ? CHUNK : c->unit;
-  while (*pos < c->size) {
-    uint64_t l;
-    bool zero;
-    if (source_extent (&c->src, *pos, c->size - *pos, &l, &zero) < 0)
-      return -1;
-    if (zero && l > 0) {
-      uint64_t e = *pos + l;
-      if (e >= c->size) {
-        *pos = c->size;
-        break;
-      }
-      e -= e % c->unit;
-      if (e > *pos) {
-        *pos = e;
-        continue;
-      }
-    }
-    *start = *pos;
-    *len = chunk - *pos % chunk;            /* jobs end on chunk boundaries */
-    if (*len > c->size - *pos)
-      *len = c->size - *pos;
-    *pos += *len;
-    return 0;
-  }
-  *len = 0;
+  progress_update (&c->pr, j->start + j->len);
   return 0;
 }
 
 static int
 run (struct convert *c, bool progress)
 {
-  long ncpu = sysconf (_SC_NPROCESSORS_ONLN);
-  unsigned nworkers = ncpu < 1 ? 1 : ncpu > 64 ? 64 : (unsigned) ncpu;
   uint64_t chunk = CHUNK > c->unit ? CHUNK : c->unit;
-  c->nslots = 4 * nworkers;
-  c->slots = calloc (c->nslots, sizeof *c->slots);
-  pthread_t *th = calloc (nworkers, sizeof *th);
-  int r = 0;
-  if (!c->slots || !th)
-    goto nomem;
-  for (unsigned i = 0; i < c->nslots; i++) {
-    struct slot *s = &c->slots[i];
-    s->in = malloc (chunk);
-    s->out = c->compress ? malloc (chunk) : NULL;
-    s->clen = malloc (chunk / c->unit * sizeof *s->clen);
-    if (!s->in || (c->compress && !s->out) || !s->clen)
-      goto nomem;
-  }
-  pthread_mutex_init (&c->lock, NULL);
-  pthread_cond_init (&c->cond, NULL);
-  unsigned started = 0;
-  for (; started < nworkers; started++)
-    if (pthread_create (&th[started], NULL, worker, c) != 0)
-      break;
-  if (started == 0) {
-    fail ("%s: cannot start threads", c->dname);
-    r = -1;
-    goto out;
-  }
-
-  struct progress pr;
-  progress_start (&pr, progress, c->size);
-  uint64_t pos = 0, produced = 0, written = 0;
-  bool more = true;
-  pthread_mutex_lock (&c->lock);
-  while (r == 0 && !c->error) {
-    /* Fill every free slot with the next jobs, in order. */
-    while (more && c->slots[produced % c->nslots].state == SLOT_FREE) {
-      uint64_t start, len;
-      pthread_mutex_unlock (&c->lock);
-      int e = next_job (c, &pos, &start, &len);
-      pthread_mutex_lock (&c->lock);
-      if (e < 0) {
-        r = -1;
-        break;
-      }
-      if (len == 0) {
-        more = false;
-        break;
-      }
-      struct slot *s = &c->slots[produced % c->nslots];
-      s->seq = produced++;
-      s->start = start;
-      s->len = len;
-      s->state = SLOT_READY;
-      pthread_cond_broadcast (&c->cond);
-    }
-    if (r < 0 || written == produced)
-      break;                    /* all written */
-    struct slot *s = &c->slots[written % c->nslots];
-    while (s->state != SLOT_DONE && !c->error)
-      pthread_cond_wait (&c->cond, &c->lock);
-    if (c->error)
-      break;
-    pthread_mutex_unlock (&c->lock);
-    r = write_job (c, s);
-    progress_update (&pr, s->start + s->len);
-    pthread_mutex_lock (&c->lock);
-    s->state = SLOT_FREE;
-    written++;
-  }
-  if (c->error)
-    r = -1;
-  c->stop = true;
-  pthread_cond_broadcast (&c->cond);
-  pthread_mutex_unlock (&c->lock);
-  for (unsigned i = 0; i < started; i++)
-    pthread_join (th[i], NULL);
+  progress_start (&c->pr, progress, c->size);
+  int r = pipeline_run (c, chunk, c->unit, c->compress, next_job, work, done);
   if (r == 0)
-    progress_end (&pr);
-  else if (pr.on)
+    progress_end (&c->pr);
+  else if (c->pr.on)
     fputc ('\n', stderr);
-  pthread_mutex_destroy (&c->lock);
-  pthread_cond_destroy (&c->cond);
-  goto out;
- nomem:
-  fail ("%s: out of memory", c->dname);
-  r = -1;
- out:
-  for (unsigned i = 0; c->slots && i < c->nslots; i++) {
-    free (c->slots[i].in);
-    free (c->slots[i].out);
-    free (c->slots[i].clen);
-  }
-  free (c->slots);
-  free (th);
   return r;
 }
 

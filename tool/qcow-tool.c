@@ -791,35 +791,6 @@ cmd_compact (int argc, char **argv)
   return 0;
 }
 
-/* ---- map ---- */
-
-static int
-cmd_map (int argc, char **argv)
-{
-  if (argc != 2)
-    return usage_error ("map", "expected FILE");
-  struct qcow_config cfg;
-  struct qcow *q;
-  qcow_config_default (&cfg);
-  cfg.read_only = true;
-  if (qcow_connect (argv[1], &cfg, &q) < 0)
-    return 1;
-  struct qcow_info info;
-  qcow_get_info (q, &info);
-  int r = 0;
-  for (uint64_t off = 0; off < info.size && r == 0;) {
-    uint64_t len;
-    unsigned f;
-    r = qcow_map (q, off, info.size - off, &len, &f);
-    if (r == 0)
-      printf ("%" PRIu64 "\t%" PRIu64 "\t%s\n", off, len,
-              f & QCOW_EXTENT_HOLE ? "hole" : f & QCOW_EXTENT_ZERO ? "zero" : "data");
-    off += r == 0 ? len : 0;
-  }
-  qcow_disconnect (q);
-  return r < 0;
-}
-
 /* ---- check and repair ---- */
 
 /* Problems kept for --json (the human output prints them as they come). */
@@ -1147,11 +1118,63 @@ static const struct command commands[] = {
     "Options:\n"
     "  -p, --progress   draw a progress bar on standard error (a terminal)\n"
     "  --json           print the result as one JSON object\n" },
-  { "map", cmd_map, "FILE",
-    "print the guest ranges: offset, length, data|zero|hole",
-    "Prints one line per run of the virtual disk: its offset and length in\n"
-    "bytes and whether it holds data, reads as zeros (zero) or is\n"
-    "unallocated (hole), separated by tabs.  Opens the image read-only.\n" },
+  { "map", cmd_map,
+    "FILE [--output=human|json] [--json] [--start-offset=OFFSET]\n"
+    "[--max-length=LENGTH] [-l SNAPSHOT] [-U]",
+    "print where each run of the disk comes from, as qemu-img map",
+    "Prints the layout of the virtual disk as qemu-img map does, in the\n"
+    "same two formats and byte for byte the same: for every run, the layer\n"
+    "of the backing chain it comes from (depth), whether that layer has it\n"
+    "(present), whether it reads as zeros or data, and its offset in which\n"
+    "file.  The human format lists the runs holding data only, and fails\n"
+    "(exit 1) on compressed clusters, which have no offset, as qemu-img's\n"
+    "does.  Opens the image read-only.\n"
+    "\n"
+    "Options:\n"
+    "  --output=human|json      the format (default human)\n"
+    "  --json                   the same as --output=json\n"
+    "  --start-offset=OFFSET    start there (default 0)\n"
+    "  --max-length=LENGTH      map at most LENGTH bytes\n"
+    "  -l, --snapshot=ID|NAME   map this internal snapshot\n"
+    "  -U, --force-share        take no lock, like qemu-img -U\n" },
+  { "sha", cmd_sha, "FILE [--json] [-l SNAPSHOT] [-U] [-p|--progress]",
+    "print the SHA-256 of the virtual disk (holes are not read)",
+    "Prints the SHA-256 of the virtual disk, as sha256sum prints it\n"
+    "(\"DIGEST  FILE\"): the digest of what qemu-img convert -O raw would\n"
+    "write.  Ranges that read as zeros are hashed without being read; data\n"
+    "is read on every CPU.  Opens the image read-only.\n"
+    "\n"
+    "Options:\n"
+    "  --json                   print one JSON object (filename,\n"
+    "                           virtual-size, sha256)\n"
+    "  -l, --snapshot=ID|NAME   hash this internal snapshot\n"
+    "  -U, --force-share        take no lock, like qemu-img -U\n"
+    "  -p, --progress           draw a progress bar on standard error (a\n"
+    "                           terminal)\n" },
+  { "discard", cmd_discard, "FILE [--json] [--compact] [-p|--progress]",
+    "unallocate the clusters that read as zeros (--compact: then compact)",
+    "Reads every cluster the image stores itself and discards those that\n"
+    "read as all zeros, so the image reads the same and takes less space.\n"
+    "Over a backing file the discarded clusters get the zero flag (a\n"
+    "version 2 image has none: nothing is discarded there).  Prints the\n"
+    "clusters examined and discarded.\n"
+    "\n"
+    "Options:\n"
+    "  --json           print the result as one JSON object\n"
+    "  --compact        compact afterwards, as qcow-tool compact\n"
+    "  -p, --progress   draw a progress bar on standard error (a terminal)\n" },
+  { "commit", cmd_commit, "FILE [-d] [-p|--progress]",
+    "write the image's data into its backing file and empty it, as\n"
+    "      qemu-img commit",
+    "Writes the data FILE holds itself into its backing file (qcow2 or raw;\n"
+    "grown to FILE's size if smaller), makes it durable there, then empties\n"
+    "and compacts FILE, so that it reads through to the backing file, as\n"
+    "qemu-img commit does.  Both files are locked for writing: if anything\n"
+    "else has either open, nothing is changed.\n"
+    "\n"
+    "Options:\n"
+    "  -d               keep FILE's data (qemu-img commit -d)\n"
+    "  -p, --progress   draw a progress bar on standard error (a terminal)\n" },
   { "convert", cmd_convert,
     "[-f qcow2|raw] [-O qcow2|raw] [-c] [--compression zlib|zstd]\n"
     "[-o OPTIONS] [-l SNAPSHOT] [-p|--progress] SRC DST",

@@ -35,12 +35,29 @@ int flush_stdout (void);
 
 /* The subcommands in their own files: argv[0] is the program name. */
 int cmd_convert (int argc, char **argv);
+int cmd_map (int argc, char **argv);
 int cmd_sha (int argc, char **argv);
 int cmd_discard (int argc, char **argv);
 int cmd_commit (int argc, char **argv);
 int cmd_snapshot (int argc, char **argv);
 
-/* progress.c: a progress bar on standard error, drawn only when it is a
+/* pipeline.c: the ordered pipeline of convert and sha.  NEXT (main
+ * thread) describes the next job (start, len, zero; len 0: no more);
+ * WORK (a worker thread, not for zero jobs) prepares it; DONE (main
+ * thread, in order) finishes it.  IN and OUT (if WANT_OUT) hold CHUNK
+ * bytes, CLEN CHUNK / UNIT + 1 entries.  Returns 0, or -1 when a
+ * callback failed (it printed why). */
+struct job {
+  uint64_t start, len;
+  bool zero;
+  uint8_t *in, *out;
+  int64_t *clen;
+};
+typedef int (*job_fn) (void *opaque, struct job *j);
+int pipeline_run (void *opaque, size_t chunk, size_t unit, bool want_out,
+                  job_fn next, job_fn work, job_fn done);
+
+/* util.c: a progress bar on standard error, drawn only when it is a
  * terminal and the user asked for it; safe to call often. */
 struct progress {
   bool on;
