@@ -188,15 +188,36 @@ QCOW_API const char *qcow_filename (struct qcow *q);
 QCOW_API int qcow_backing_info (struct qcow *q, const char **path, const char **format,
                        struct qcow **next);
 
-/* Internal snapshots (listed; the active layer is what is served). */
+/* Internal snapshots, as QEMU makes them (qemu-img snapshot): listed,
+ * created, applied and deleted.  The active layer is what is read and
+ * written (cfg.snapshot opens a snapshot read-only instead). */
 struct qcow_snapshot_info {
-  const char *id, *name;       /* valid while the image is open */
+  const char *id, *name;       /* valid until the list changes */
   uint32_t date_sec, date_nsec;
   uint64_t vm_clock_nsec, vm_state_size, disk_size;
   uint32_t l1_size;
+  uint64_t icount;             /* UINT64_MAX if not recorded */
 };
 QCOW_API int qcow_snapshot_count (struct qcow *q);
 QCOW_API int qcow_get_snapshot (struct qcow *q, int i, struct qcow_snapshot_info *info);
+/* The index of the snapshot whose ID is ID_OR_NAME, else of the first one
+ * named so (QEMU's lookup), or -ENOENT (no message). */
+QCOW_API int qcow_snapshot_find (struct qcow *q, const char *id_or_name);
+/* Create a snapshot of the active layer named NAME (1 to 255 bytes, not
+ * the name or ID of another snapshot), with the next free numeric ID;
+ * apply (revert the active layer, and the virtual size, to) a snapshot;
+ * delete one.  Each is one atomic switch: the new L1 table, L2 tables
+ * and refcount structure are written to free space and made durable,
+ * then one header write moves to them, so after a crash at any moment
+ * the image is either as it was or as it is after the operation, and
+ * consistent (qemu-img check finds no errors).  Space the old state used
+ * is freed (punched) afterwards.  Return 0, or -errno with a message
+ * (-ENOENT: no such snapshot; -EEXIST: name taken; -ENAMETOOLONG;
+ * -ERANGE: the refcount width cannot count the references; -EAGAIN: the
+ * image is in use).  Wait for requests in flight. */
+QCOW_API int qcow_snapshot_create (struct qcow *q, const char *name);
+QCOW_API int qcow_snapshot_apply (struct qcow *q, const char *id_or_name);
+QCOW_API int qcow_snapshot_delete (struct qcow *q, const char *id_or_name);
 
 /* Byte-granular I/O: any offset and count inside the virtual size. */
 #define QCOW_FUA 1u            /* write: durable before returning */

@@ -1175,6 +1175,28 @@ static const struct command commands[] = {
     "Options:\n"
     "  -d               keep FILE's data (qemu-img commit -d)\n"
     "  -p, --progress   draw a progress bar on standard error (a terminal)\n" },
+  { "snapshot", cmd_snapshot,
+    "-l [--json] [-U] FILE | -c NAME FILE | -a ID|NAME FILE\n"
+    "| -d ID|NAME FILE",
+    "list, create, apply (revert to) or delete internal snapshots, as\n"
+    "      qemu-img snapshot",
+    "Lists (-l), creates (-c), applies (-a: reverts the disk, and its size,\n"
+    "to the snapshot) or deletes (-d) internal snapshots, as qemu-img\n"
+    "snapshot does and in QEMU's format.  -l prints what qemu-img snapshot\n"
+    "-l prints (nothing when there are none).  -a and -d find a snapshot by\n"
+    "its ID, else by its name.  A new snapshot gets the next free numeric\n"
+    "ID; its name (1 to 255 bytes) must not be another snapshot's name or\n"
+    "ID.  Each change is one atomic switch: a crash at any moment leaves\n"
+    "the image as it was or as it is after, and consistent.\n"
+    "\n"
+    "Options:\n"
+    "  -l                  list the snapshots (the image is opened read-only)\n"
+    "  -c NAME             create a snapshot of the disk as it is now\n"
+    "  -a ID|NAME          apply the snapshot: the disk becomes what it was\n"
+    "  -d ID|NAME          delete the snapshot\n"
+    "  --json              with -l: a JSON array, with the fields of qemu-img\n"
+    "                      info's snapshot list\n"
+    "  -U, --force-share   with -l: take no lock\n" },
   { "convert", cmd_convert,
     "[-f qcow2|raw] [-O qcow2|raw] [-c] [--compression zlib|zstd]\n"
     "[-o OPTIONS] [-l SNAPSHOT] [-p|--progress] SRC DST",
