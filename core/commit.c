@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* commit.c - write an image's own data into its backing file, then empty
  * the image (qemu-img commit).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* crashpoint.so - an LD_PRELOAD library that kills its process with
  * SIGKILL at a chosen moment of its file I/O, for crash tests of
  * programs that use the core (qcow-tool).

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """snapshot-model.py - qcow-tool snapshot against QEMU, on a model.
 
 For each image format (cluster sizes 512 B to 2 MiB, refcount widths,

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow-tool commit against qemu-img commit: each scenario is made twice
 # (the same qemu-io commands on two copies), committed by each tool, and
 # the results compared:

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow-tool discard: the clusters that read as zeros are unallocated, and
 # nothing else changes.  For each image (data clusters holding zeros,
 # compressed clusters of zeros, zero clusters that kept their space, a

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow-tool map against qemu-img map: the same output, byte for byte, in
 # both formats (human and json), and the same exit status, on images of
 # every kind: data, zero clusters with and without space, unallocated

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow-tool sha: the SHA-256 of the virtual disk must be what sha256sum
 # gives for `qemu-img convert -O raw`, on images of every kind (data,
 # zeros, holes, compressed clusters, subclusters, backing chains, a large

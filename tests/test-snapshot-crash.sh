@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Crash safety of qcow-tool snapshot -c, -a and -d: kill -9 at every
 # moment.  tests/crashpoint.c (preloaded) counts the calls that change
 # the file (pwrite, pwritev, fdatasync, fallocate, ftruncate) and kills

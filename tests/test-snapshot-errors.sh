@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow-tool snapshot on bad input: a one-line error naming the file,
 # exit status 1, and the file unchanged (byte for byte).
 #   - user errors: no such snapshot, a name taken (as a name or an ID), a

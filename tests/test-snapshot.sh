@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow-tool snapshot (-c, -a, -d, -l) against QEMU: seeded random
 # sequences of snapshot operations and writes, done in turn by qcow-tool
 # (and the plugin) and by QEMU, on images of every kind; qemu-img check,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* commit.c - qcow-tool commit: write an overlay's data into its backing
  * file and empty it, as qemu-img commit does (qcow_commit).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* discard.c - qcow-tool discard: give back the clusters that read as
  * zeros (the OCaml qcow-tool's discard).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* map.c - qcow-tool map: the layout of a virtual disk, in qemu-img map's
  * two output formats, so that scripts can switch.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* pipeline.c - an ordered pipeline for the subcommands that stream a
  * whole disk (convert, sha): the main thread cuts the work into jobs and
  * finishes them in order; worker threads, one per CPU, do the slow part

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* sha.c - qcow-tool sha: the SHA-256 of the virtual disk (what
  * `qemu-img convert -O raw FILE - | sha256sum` gives), without writing
  * it anywhere.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* sha256.c - SHA-256 (FIPS 180-4), for `qcow-tool sha`.
  *
  * Two block functions: portable C, and one using the x86 SHA extensions

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* snapshot.c - qcow-tool snapshot: list, create, apply and delete
  * internal snapshots, as qemu-img snapshot does.
  *
