@@ -882,54 +882,39 @@ txn_unlock (struct qcow *q)
   pthread_mutex_unlock (&q->compact_lock);
 }
 
-/* Checks every operation makes first. */
+/* ---- the operations ---- */
+
+/* The new active L1 table: the current one. */
 static int
-txn_allowed (struct qcow *q)
+txn_same_l1 (struct qcow *q, struct txn *t)
 {
-  if (q->read_only) {
-    ERR (q, "image is open read-only");
-    return -EROFS;
-  }
-  if (q->data_path) {
-    ERR (q, "an image with an external data file cannot have snapshots");
-    return -ENOTSUP;
-  }
+  t->size = q->h.size;
+  t->l1_size = q->h.l1_size;
+  if (!(t->l1 = malloc ((t->l1_size + 1) * 8)))
+    return -ENOMEM;
+  memcpy (t->l1, q->l1, (uint64_t) t->l1_size * 8);
   return 0;
 }
 
-/* ---- the operations ---- */
-
-int
-qcow_snapshot_create (struct qcow *q, const char *name)
+/* create: the list plus a snapshot named NAME of the active layer, which
+ * takes the current L1 table as it is on disk. */
+static int
+prepare_create (struct qcow *q, struct txn *t, const char *name)
 {
-  int r = txn_allowed (q);
-  if (r < 0)
-    return r;
-  size_t len = strlen (name);
-  if (len == 0 || len > MAX_NAME) {
-    ERR (q, "snapshot name of %zu bytes: it must have 1 to %d", len, MAX_NAME);
-    return len ? -ENAMETOOLONG : -EINVAL;
-  }
-  struct txn t = { 0 };
-  if ((r = txn_lock (q)) < 0)
-    goto out;
   for (uint32_t i = 0; i < q->nsnap; i++)
     if (strcmp (q->snap[i].name, name) == 0 || strcmp (q->snap[i].id, name) == 0) {
       ERR (q, "a snapshot %s '%s' exists already (ID %s)",
            strcmp (q->snap[i].name, name) == 0 ? "named" : "with the ID", name, q->snap[i].id);
-      r = -EEXIST;
-      goto out;
+      return -EEXIST;
     }
   if (q->nsnap >= MAX_SNAPSHOTS) {
     ERR (q, "the image has %d snapshots: no more are possible", MAX_SNAPSHOTS);
-    r = -EFBIG;
-    goto out;
+    return -EFBIG;
   }
-  if ((r = txn_copy_list (q, &t, -1, 1)) < 0)
-    goto out;
-  /* The next ID, as QEMU picks it; the snapshot takes the current L1
-   * table as it is on disk. */
-  unsigned long id = 0;
+  int r = txn_copy_list (q, t, -1, 1);
+  if (r < 0)
+    return r;
+  unsigned long id = 0;           /* the next ID, as QEMU picks it */
   for (uint32_t i = 0; i < q->nsnap; i++) {
     unsigned long v = strtoul (q->snap[i].id, NULL, 10);
     if (v > id)
@@ -937,7 +922,7 @@ qcow_snapshot_create (struct qcow *q, const char *name)
   }
   struct timespec now;
   clock_gettime (CLOCK_REALTIME, &now);
-  struct snapshot *s = &t.snap[t.nsnap];
+  struct snapshot *s = &t->snap[t->nsnap];
   char idbuf[32];
   snprintf (idbuf, sizeof idbuf, "%lu", id + 1);
   *s = (struct snapshot) {
@@ -947,104 +932,82 @@ qcow_snapshot_create (struct qcow *q, const char *name)
   };
   if (!(s->id = strdup (idbuf)) || !(s->name = strdup (name))) {
     snapshot_clear (s);
-    r = -ENOMEM;
-    goto out;
+    return -ENOMEM;
   }
-  t.nsnap++;
-  t.size = q->h.size;
-  t.l1_size = q->h.l1_size;
-  if (!(t.l1 = malloc ((t.l1_size + 1) * 8))) {
-    r = -ENOMEM;
-    goto out;
-  }
-  memcpy (t.l1, q->l1, (uint64_t) t.l1_size * 8);
-  r = txn_commit (q, &t);
-  if (r == 0)
-    qcow_debugf ("%s: snapshot %s '%s' created", q->filename, idbuf, name);
- out:
-  txn_unlock (q);
-  txn_free (&t);
-  return r;
+  t->nsnap++;
+  return txn_same_l1 (q, t);
 }
 
-int
-qcow_snapshot_apply (struct qcow *q, const char *id_or_name)
+/* apply: the list unchanged; the active L1 table and size snapshot S's. */
+static int
+prepare_apply (struct qcow *q, struct txn *t, const struct snapshot *s)
 {
-  int r = txn_allowed (q);
-  if (r < 0)
-    return r;
-  struct txn t = { 0 };
-  if ((r = txn_lock (q)) < 0)
-    goto out;
-  int i = snapshot_find (q, id_or_name);
-  if (i < 0) {
-    ERR (q, "no snapshot '%s'", id_or_name);
-    r = -ENOENT;
-    goto out;
-  }
-  const struct snapshot *s = &q->snap[i];
   uint64_t need = div_round_up (s->disk_size, q->cluster_size << q->l2_bits);
   if (s->disk_size > (1ULL << 62) || need > QCOW_MAX_L1_BYTES / 8) {
     ERR (q, "snapshot %s: its disk size %" PRIu64 " is invalid", s->id, s->disk_size);
-    r = -EINVAL;
-    goto out;
+    return -EINVAL;
   }
-  t.size = s->disk_size;
-  t.l1_size = s->l1_size > need ? s->l1_size : need;
-  if (!(t.l1 = calloc (t.l1_size + 1, 8)) ||
-      (r = io_pread (q, t.l1, (uint64_t) s->l1_size * 8, s->l1_offset)) < 0) {
-    r = r < 0 ? r : -ENOMEM;
-    goto out;
-  }
+  t->size = s->disk_size;
+  t->l1_size = s->l1_size > need ? s->l1_size : need;
+  if (!(t->l1 = calloc (t->l1_size + 1, 8)))
+    return -ENOMEM;
+  int r = io_pread (q, t->l1, (uint64_t) s->l1_size * 8, s->l1_offset);
+  if (r < 0)
+    return r;
   for (uint32_t j = 0; j < s->l1_size; j++)
-    t.l1[j] = be64toh (t.l1[j]) & ~ENTRY_COPIED;
-  char id[64];
-  snprintf (id, sizeof id, "%s", s->id);
-  if ((r = txn_copy_list (q, &t, -1, 0)) < 0)
-    goto out;
-  r = txn_commit (q, &t);
+    t->l1[j] = be64toh (t->l1[j]) & ~ENTRY_COPIED;
+  return txn_copy_list (q, t, -1, 0);
+}
+
+enum op { OP_CREATE, OP_APPLY, OP_DELETE };
+
+/* The three operations: ARG is the new snapshot's name, or the ID or
+ * name of the one to apply or delete. */
+static int
+snapshot_op (struct qcow *q, enum op op, const char *arg)
+{
+  static const char *const done[] = { "created", "applied", "deleted" };
+  if (q->read_only) {
+    ERR (q, "image is open read-only");
+    return -EROFS;
+  }
+  if (q->data_path) {
+    ERR (q, "an image with an external data file cannot have snapshots");
+    return -ENOTSUP;
+  }
+  size_t len = strlen (arg);
+  if (op == OP_CREATE && (len == 0 || len > MAX_NAME)) {
+    ERR (q, "snapshot name of %zu bytes: it must have 1 to %d", len, MAX_NAME);
+    return len ? -ENAMETOOLONG : -EINVAL;
+  }
+  struct txn t = { 0 };
+  char what[MAX_NAME + 80];
+  int i = -1, r = txn_lock (q);
+  if (r == 0 && op != OP_CREATE && (i = snapshot_find (q, arg)) < 0) {
+    ERR (q, "no snapshot '%s'", arg);
+    r = -ENOENT;
+  }
+  if (r == 0) {
+    snprintf (what, sizeof what, "%s '%s'", i >= 0 ? q->snap[i].id : "", arg);
+    r = op == OP_CREATE ? prepare_create (q, &t, arg)
+      : op == OP_APPLY ? prepare_apply (q, &t, &q->snap[i])
+      : (r = txn_copy_list (q, &t, i, 0)) < 0 ? r : txn_same_l1 (q, &t);
+  }
   if (r == 0)
-    qcow_debugf ("%s: snapshot %s applied", q->filename, id);
- out:
+    r = txn_commit (q, &t);
+  if (r == 0)
+    qcow_debugf ("%s: snapshot %s %s", q->filename, what, done[op]);
   txn_unlock (q);
   txn_free (&t);
   return r;
 }
 
-int
-qcow_snapshot_delete (struct qcow *q, const char *id_or_name)
-{
-  int r = txn_allowed (q);
-  if (r < 0)
-    return r;
-  struct txn t = { 0 };
-  if ((r = txn_lock (q)) < 0)
-    goto out;
-  int i = snapshot_find (q, id_or_name);
-  if (i < 0) {
-    ERR (q, "no snapshot '%s'", id_or_name);
-    r = -ENOENT;
-    goto out;
-  }
-  char id[64];
-  snprintf (id, sizeof id, "%s", q->snap[i].id);
-  if ((r = txn_copy_list (q, &t, i, 0)) < 0)
-    goto out;
-  t.size = q->h.size;
-  t.l1_size = q->h.l1_size;
-  if (!(t.l1 = malloc ((t.l1_size + 1) * 8))) {
-    r = -ENOMEM;
-    goto out;
-  }
-  memcpy (t.l1, q->l1, (uint64_t) t.l1_size * 8);
-  r = txn_commit (q, &t);
-  if (r == 0)
-    qcow_debugf ("%s: snapshot %s deleted", q->filename, id);
- out:
-  txn_unlock (q);
-  txn_free (&t);
-  return r;
-}
+int qcow_snapshot_create (struct qcow *q, const char *name)
+{ return snapshot_op (q, OP_CREATE, name); }
+int qcow_snapshot_apply (struct qcow *q, const char *id_or_name)
+{ return snapshot_op (q, OP_APPLY, id_or_name); }
+int qcow_snapshot_delete (struct qcow *q, const char *id_or_name)
+{ return snapshot_op (q, OP_DELETE, id_or_name); }
 
 int
 qcow_snapshot_find (struct qcow *q, const char *id_or_name)

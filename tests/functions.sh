@@ -380,5 +380,20 @@ assert_same ()
     cmp "$1" "$2" >&2 || die "${3:-$1 and $2} differ"
 }
 
+# tool_refuses WHAT CMD...: CMD (a qcow-tool command) must fail as a
+# refusal does: exit status 1 and one line on stderr, "qcow-tool: ...".
+# (Whether the files are unchanged is for the caller to compare.)
+tool_refuses ()
+{
+    local what=$1 status=0
+    shift
+    "$@" >/dev/null 2>"$TMPD/refusal.txt" || status=$?
+    [ $status = 1 ] || { cat "$TMPD/refusal.txt" >&2; die "$what: exit status $status, expected 1"; }
+    [ "$(wc -l <"$TMPD/refusal.txt")" = 1 ] ||
+        { cat "$TMPD/refusal.txt" >&2; die "$what: not one line of error"; }
+    grep -q '^qcow-tool: ' "$TMPD/refusal.txt" || die "$what: $(cat "$TMPD/refusal.txt")"
+    echo "$what: $(cat "$TMPD/refusal.txt")"
+}
+
 # The plugin and tool must be built before the tests run.
 [ -f "$QCOW_SO" ] || die "$QCOW_SO not found: run make (or set QCOW_BUILD)"

@@ -37,22 +37,12 @@ cmd_commit (int argc, char **argv)
     return usage_error ("commit", "expected FILE");
   const char *file = argv[optind];
 
-  struct qcow_config cfg;
-  struct qcow *q;
-  qcow_config_default (&cfg);
-  if (qcow_connect (file, &cfg, &q) < 0)
+  struct qcow *q = open_image (file, true, false, NULL);
+  if (!q)
     return 1;
-  struct qcow_info info;
-  qcow_get_info (q, &info);
-  int r = 0;
-  if (!info.read_write) {
-    fail ("%s: cannot open the image for writing", file);
-    r = -1;
-  }
   int last = -1;
   bool bar = progress && isatty (2);
-  if (r == 0)
-    r = qcow_commit (q, keep, bar ? progress_bar : NULL, &last);
+  int r = qcow_commit (q, keep, bar ? progress_bar : NULL, &last);
   /* An emptied image holds little: give the file's space back too. */
   struct qcow_compact_result res;
   if (r == 0 && !keep)

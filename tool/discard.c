@@ -64,23 +64,14 @@ cmd_discard (int argc, char **argv)
     return usage_error ("discard", "expected FILE");
   const char *file = argv[optind];
 
-  struct qcow_config cfg;
-  struct qcow *q;
-  qcow_config_default (&cfg);
-  if (qcow_connect (file, &cfg, &q) < 0)
+  struct qcow *q = open_image (file, true, false, NULL);
+  if (!q)
     return 1;
   struct qcow_info info;
   struct qcow_header h;
   qcow_get_info (q, &info);
   qcow_get_header (q, &h);
-  int r = 0;
-  if (!info.read_write) {
-    fail ("%s: %s", file, h.incompatible_features & QCOW_INCOMPAT_CORRUPT
-          ? "image is marked corrupt: repair it first" : "cannot open the file for writing");
-    r = -1;
-  }
-  else
-    r = qcow_lock_write (q);
+  int r = qcow_lock_write (q);
   bool v2_backing = h.version < 3 && h.backing_file[0];
   const uint64_t cs = info.cluster_size;
   uint64_t discarded = 0, examined = 0;

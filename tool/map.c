@@ -344,12 +344,7 @@ cmd_map (int argc, char **argv)
   memset (l, 0, sizeof l);
   for (int i = 0; i < MAX_LAYERS; i++)
     l[i].fd = l[i].data_fd = -1;
-  struct qcow_config cfg;
-  qcow_config_default (&cfg);
-  cfg.read_only = true;
-  cfg.locking = !force_share;
-  cfg.snapshot = snapshot;
-  if (qcow_connect (file, &cfg, &l[0].q) < 0)
+  if (!(l[0].q = open_image (file, false, force_share, snapshot)))
     return 1;
   struct qcow_info info;
   qcow_get_info (l[0].q, &info);

@@ -100,12 +100,7 @@ cmd_sha (int argc, char **argv)
 
   struct sha s;
   memset (&s, 0, sizeof s);
-  struct qcow_config cfg;
-  qcow_config_default (&cfg);
-  cfg.read_only = true;
-  cfg.locking = !force_share;
-  cfg.snapshot = snapshot;
-  if (qcow_connect (file, &cfg, &s.q) < 0)
+  if (!(s.q = open_image (file, false, force_share, snapshot)))
     return 1;
   struct qcow_info info;
   qcow_get_info (s.q, &info);

@@ -121,24 +121,11 @@ cmd_snapshot (int argc, char **argv)
     return usage_error ("snapshot", "--json and -U go with -l");
   const char *file = argv[optind];
 
-  struct qcow_config cfg;
-  struct qcow *q;
-  qcow_config_default (&cfg);
-  cfg.read_only = op == 'l';
-  cfg.locking = !force_share;
-  if (qcow_connect (file, &cfg, &q) < 0)
+  struct qcow *q = open_image (file, op != 'l', force_share, NULL);
+  if (!q)
     return 1;
   int r = 0;
-  struct qcow_info info;
-  qcow_get_info (q, &info);
-  if (op != 'l' && !info.read_write) {
-    struct qcow_header h;
-    qcow_get_header (q, &h);
-    fail ("%s: %s", file, h.incompatible_features & QCOW_INCOMPAT_CORRUPT
-          ? "image is marked corrupt: repair it first" : "cannot open the file for writing");
-    r = -1;
-  }
-  else if (op == 'l' && json)
+  if (op == 'l' && json)
     list_json (q);
   else if (op == 'l')
     list_text (q);

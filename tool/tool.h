@@ -81,5 +81,12 @@ void sha256_final (struct sha256 *s, uint8_t digest[32]);
 
 /* util.c */
 bool is_zero (const void *buf, size_t len);
+/* Open FILE for a subcommand: read-only (a reader's locks, none with
+ * FORCE_SHARE) or for writing (refused with a message if the file or the
+ * image cannot be written); SNAPSHOT: that snapshot, read-only.  NULL
+ * after a message. */
+struct qcow;
+struct qcow *open_image (const char *file, bool write, bool force_share,
+                         const char *snapshot);
 
 #endif /* QCOW_TOOL_H */

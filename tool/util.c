@@ -4,6 +4,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "qcow.h"
 #include "tool.h"
 
 /* True if LEN bytes at BUF are all zero (memcmp of the buffer against
@@ -49,4 +50,28 @@ progress_end (struct progress *p)
   if (p->on)
     progress_bar (100, &p->last);
   p->on = false;
+}
+
+struct qcow *
+open_image (const char *file, bool write, bool force_share, const char *snapshot)
+{
+  struct qcow_config cfg;
+  struct qcow *q;
+  qcow_config_default (&cfg);
+  cfg.read_only = !write;
+  cfg.locking = !force_share;
+  cfg.snapshot = snapshot;
+  if (qcow_connect (file, &cfg, &q) < 0)
+    return NULL;
+  struct qcow_info info;
+  qcow_get_info (q, &info);
+  if (write && !info.read_write) {
+    struct qcow_header h;
+    qcow_get_header (q, &h);
+    fail ("%s: %s", file, h.incompatible_features & QCOW_INCOMPAT_CORRUPT
+          ? "image is marked corrupt: repair it first" : "cannot open the file for writing");
+    qcow_disconnect (q);
+    return NULL;
+  }
+  return q;
 }
