@@ -395,5 +395,22 @@ tool_refuses ()
     echo "$what: $(cat "$TMPD/refusal.txt")"
 }
 
+# wait_locked FILE [write]: wait (up to 20 s) until a process holds
+# QEMU's locks on FILE (with "write": the write locks, byte 103, the
+# resize permission only a writer holds), looking at /proc/locks: probing
+# with a tool would take locks of its own, and make a starting writer fail.
+wait_locked ()
+{
+    local ino i re
+    ino=$(stat -c %i "$1")
+    re=":$ino [0-9]+ [0-9]+\$"
+    [ "$2" = write ] && re=":$ino [0-9]+ 103\$"
+    for (( i = 0; i < 200; i++ )); do
+        grep -Eq "$re" /proc/locks && return 0
+        sleep 0.1
+    done
+    die "nobody holds the ${2:+$2 }locks of $1"
+}
+
 # The plugin and tool must be built before the tests run.
 [ -f "$QCOW_SO" ] || die "$QCOW_SO not found: run make (or set QCOW_BUILD)"

@@ -126,11 +126,7 @@ io qcow2 busy/over -c "write -P 2 0 1M"
 qemu-io -f qcow2 -c "sleep 100000" busy/other &         # QEMU reads base
 reader=$!
 on_exit "kill $reader 2>/dev/null"
-for (( i = 0; i < 100; i++ )); do
-    qemu-img info busy/base >/dev/null 2>&1 || :
-    grep -q busy/other /proc/$reader/cmdline 2>/dev/null && [ -n "$(ls -l /proc/$reader/fd 2>/dev/null | grep busy/base)" ] && break
-    sleep 0.1
-done
+wait_locked busy/base
 cp busy/base base.copy
 refuse "backing file in use" busy/over busy/over
 cmp -s busy/base base.copy || die "backing file in use: it changed"

@@ -97,10 +97,7 @@ compare over-raw.qcow2 --start-offset=1M
 qemu-io -f qcow2 -c "sleep 100000" top.qcow2 &
 writer=$!
 on_exit "kill $writer 2>/dev/null"
-for (( i = 0; i < 100; i++ )); do
-    ! "$QCOW_TOOL" map top.qcow2 >/dev/null 2>&1 && break
-    sleep 0.1
-done
+wait_locked top.qcow2 write
 status=0
 "$QCOW_TOOL" map top.qcow2 >/dev/null 2>err.txt || status=$?
 [ $status = 1 ] && grep -q lock err.txt || die "map of an image in use: exit $status: $(cat err.txt)"

@@ -59,10 +59,7 @@ fi
 qemu-io -f qcow2 -c "sleep 100000" good.qcow2 &
 holder=$!
 on_exit "kill $holder 2>/dev/null"
-for (( i = 0; i < 100; i++ )); do
-    qemu-img info good.qcow2 >/dev/null 2>&1 || break
-    sleep 0.1
-done
+wait_locked good.qcow2 write
 refuse "the image in use (-c)" good.qcow2 -c s good.qcow2
 refuse "the image in use (-l)" good.qcow2 -l good.qcow2
 "$QCOW_TOOL" snapshot -l -U good.qcow2 | grep -q first || die "snapshot -l -U failed"
