@@ -52,6 +52,8 @@ EXAMPLE   := $(O)/examples/qcow-example
 
 CORE_SRCS := $(wildcard core/*.c)
 CORE_OBJS := $(patsubst core/%.c,$(O)/obj/core/%.o,$(CORE_SRCS))
+TOOL_SRCS := $(wildcard tool/*.c)
+TOOL_OBJS := $(patsubst tool/%.c,$(O)/obj/tool/%.o,$(TOOL_SRCS))
 UNIT_SRCS := $(wildcard tests/unit-*.c)
 UNIT_BINS := $(patsubst tests/%.c,$(O)/tests/%,$(UNIT_SRCS))
 
@@ -90,7 +92,7 @@ $(O)/obj/common/%.o: common/%.c core/*.h common/*.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -Icommon -c -o $@ $<
 
-$(O)/obj/tool/qcow-tool.o: tool/qcow-tool.c core/*.h
+$(O)/obj/tool/%.o: tool/%.c tool/*.h core/*.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
@@ -133,7 +135,7 @@ examples: $(EXAMPLE)
 $(FLOOR): bench/floor.c
 	$(CC) $(ALL_CFLAGS) -shared $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $<
 
-$(TOOL): $(O)/obj/tool/qcow-tool.o $(O)/libqcowcore.a
+$(TOOL): $(TOOL_OBJS) $(O)/libqcowcore.a
 	$(CC) $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(O)/tests/%: tests/%.c $(O)/libqcowcore.a core/qcow.h

@@ -27,7 +27,8 @@ params_free (struct params *p)
 {
   free (p->backing_file);
   free (p->data_file);
-  p->backing_file = p->data_file = NULL;
+  free (p->snapshot);
+  p->backing_file = p->data_file = p->snapshot = NULL;
 }
 
 /* A boolean parameter into *OUT. */
@@ -130,6 +131,15 @@ params_config (struct params *p, const char *key, const char *value)
       c->data_file = p->data_file;
     return r;
   }
+  if (strcmp (key, "snapshot") == 0) {
+    free (p->snapshot);
+    if (!(p->snapshot = strdup (value))) {
+      nbdkit_error ("strdup: %m");
+      return -1;
+    }
+    c->snapshot = p->snapshot;
+    return 1;
+  }
   if (strcmp (key, "check-on-connect") == 0)
     return parse_bool (value, &p->check_on_connect);
   if (strcmp (key, "runtime-asserts") == 0)
@@ -151,6 +161,11 @@ params_config_complete (struct params *p, const char *prefix)
   }
   if (!p->create_mode && p->create_size >= 0) {
     nbdkit_error ("%ssize= is only used with %screate=true", prefix, prefix);
+    return -1;
+  }
+  if (p->create_mode && p->snapshot) {
+    nbdkit_error ("%ssnapshot= serves a snapshot of an existing image: not "
+                  "with %screate=", prefix, prefix);
     return -1;
   }
   return 0;

@@ -18,6 +18,7 @@ struct params {
   bool check_on_connect;        /* check-on-connect= */
   char *backing_file;           /* backing-file= (absolute) */
   char *data_file;              /* data-file= (absolute) */
+  char *snapshot;               /* snapshot= (served read-only) */
   struct qcow_config config;    /* everything else */
 };
 
@@ -59,6 +60,7 @@ int params_ready (const struct params *p, struct qcow *q, const char *name);
   P "backing-file=<PATH>   Use this backing file instead of the header's.\n" \
   P "backing-format=qcow2|raw  Its format (unrecorded formats open as raw).\n" \
   P "data-file=<PATH>      Use this external data file instead of the header's.\n" \
+  P "snapshot=<ID|NAME>    Serve this internal snapshot, read-only.\n" \
   P "compact-after-unmaps=<SIZE>  Compact in the background once SIZE was freed.\n" \
   P "compact-rate=<SIZE>   Bytes it moves a second at most (default 64M; 0: no limit).\n" \
   P "keep-erased=<SIZE>    Free space compaction keeps at the end of the file.\n" \

@@ -1,15 +1,33 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* compress.c - compressed clusters (zlib deflate and zstd): reading them,
- * and freeing every host cluster one occupies.
+ * writing them, and freeing every host cluster one occupies.
  *
  * A descriptor (format.c decodes it) gives a byte offset and a sector
  * count; the data may share host clusters with other compressed clusters
  * and run past the end of the file for the last one.  Decompression
- * contexts are kept per thread; nothing here takes a lock (callers hold
- * io_lock shared, so the clusters cannot be freed meanwhile). */
+ * contexts are kept per thread; reading takes no lock (callers hold
+ * io_lock shared, so the clusters cannot be freed meanwhile).
+ *
+ * Writing follows QEMU (block/qcow2.c, qcow2_co_pwritev_compressed_task,
+ * and qcow2_alloc_bytes): a cluster is compressed with the image's type
+ * (zlib: raw deflate, default level, 4 KiB window, memLevel 9; zstd: its
+ * default level, streamed) into at most cluster_size - 1 bytes, or stored
+ * uncompressed.  Compressed data is packed at byte granularity: it goes
+ * on where the previous compressed cluster ended (q->cfill), into the
+ * next host cluster too if that is the next one the allocator hands out,
+ * else into a new cluster (the rest of the old one is left unused).
+ * Every host cluster the data touches gets one more reference, so a
+ * cluster holding parts of three compressed clusters has a refcount of
+ * three.  The descriptor holds the host offset and the number of 512-byte
+ * sectors the data spans, minus one.  q->cfill is reset when the cluster
+ * it points into is freed (rc_free) or the refcounts are rebuilt.
+ * Compression runs with no lock held (per-thread contexts); the byte
+ * allocation and the L2 update take q->lock, the data write does not
+ * (the guest cluster is marked in flight meanwhile, as rw.c does). */
 #include <stdlib.h>
 #include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include "internal.h"
 
@@ -130,6 +148,233 @@ compressed_read (struct qcow *q, uint64_t ent, uint8_t *out)
     }
   }
   free (in);
+  return r;
+}
+
+/* ---- compressing and writing ---- */
+
+/* Compression contexts, reused per thread like the decompression ones. */
+static pthread_key_t cctx_key;
+static pthread_once_t cctx_once = PTHREAD_ONCE_INIT;
+struct cctx {
+  z_stream z;
+  bool z_ready;
+  ZSTD_CCtx *zstd;
+};
+
+static void
+cctx_free (void *p)
+{
+  struct cctx *c = p;
+  if (c->z_ready)
+    deflateEnd (&c->z);
+  ZSTD_freeCCtx (c->zstd);
+  free (c);
+}
+
+static void cctx_key_init (void) { pthread_key_create (&cctx_key, cctx_free); }
+
+static struct cctx *
+cctx_get (void)
+{
+  pthread_once (&cctx_once, cctx_key_init);
+  struct cctx *c = pthread_getspecific (cctx_key);
+  if (!c && (c = calloc (1, sizeof *c)) != NULL)
+    pthread_setspecific (cctx_key, c);
+  return c;
+}
+
+/* Deflate IN into at most OUTLEN bytes: the length, 0 if it does not fit,
+ * -1 on error. */
+static int64_t
+deflate_zlib (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
+{
+  struct cctx *c = cctx_get ();
+  if (!c)
+    return -1;
+  z_stream *zs = &c->z;
+  if (!c->z_ready) {
+    memset (zs, 0, sizeof *zs);
+    if (deflateInit2 (zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                      Z_DEFAULT_STRATEGY) != Z_OK)
+      return -1;
+    c->z_ready = true;
+  }
+  else if (deflateReset (zs) != Z_OK)
+    return -1;
+  zs->next_in = (Bytef *) in;
+  zs->avail_in = inlen;
+  zs->next_out = out;
+  zs->avail_out = outlen;
+  int r = deflate (zs, Z_FINISH);
+  if (r == Z_STREAM_END)
+    return outlen - zs->avail_out;
+  return r == Z_OK || r == Z_BUF_ERROR ? 0 : -1;
+}
+
+static int64_t
+deflate_zstd (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
+{
+  struct cctx *c = cctx_get ();
+  if (!c || (!c->zstd && !(c->zstd = ZSTD_createCCtx ())))
+    return -1;
+  ZSTD_CCtx_reset (c->zstd, ZSTD_reset_session_only);
+  ZSTD_inBuffer ib = { in, inlen, 0 };
+  ZSTD_outBuffer ob = { out, outlen, 0 };
+  size_t r = ZSTD_compressStream2 (c->zstd, &ob, &ib, ZSTD_e_end);
+  if (ZSTD_isError (r))
+    return ZSTD_getErrorCode (r) == ZSTD_error_dstSize_tooSmall ? 0 : -1;
+  return r == 0 ? (int64_t) ob.pos : 0;     /* r > 0: more to flush */
+}
+
+int64_t
+qcow_compress (struct qcow *q, const void *in, void *out)
+{
+  int64_t n = q->h.compression_type == 1
+    ? deflate_zstd (in, q->cluster_size, out, q->cluster_size - 1)
+    : deflate_zlib (in, q->cluster_size, out, q->cluster_size - 1);
+  if (n < 0) {
+    ERR (q, "%s compression failed", q->h.compression_type == 1 ? "zstd" : "zlib");
+    return -EIO;
+  }
+  return n;
+}
+
+/* Reserve LEN bytes (< cluster_size) for compressed data: *OFF gets the
+ * host offset; each host cluster touched has one more reference.  With
+ * q->lock held. */
+static int
+alloc_bytes (struct qcow *q, uint64_t len, uint64_t *off)
+{
+  const uint64_t cs = q->cluster_size;
+  uint64_t at = q->cfill, rc = 0, c, got;
+  bool fresh;
+  int r;
+  if (at && ((r = rc_get (q, at >> q->cluster_bits, &rc)) < 0))
+    return r;
+  if (rc == 0 || rc >= q->refcount_max)
+    at = 0;                     /* nothing to go on with */
+  if (at && cs - (at & (cs - 1)) >= len) {
+    if ((r = rc_set (q, at >> q->cluster_bits, rc + 1)) < 0)
+      return r;
+  }
+  else {
+    if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
+      return r;
+    if (at && c == (at >> q->cluster_bits) + 1) {
+      /* Straddles the end of the current cluster into the new one. */
+      if ((r = rc_set (q, at >> q->cluster_bits, rc + 1)) < 0) {
+        rc_free (q, c, 1);
+        return r;
+      }
+    }
+    else
+      at = c << q->cluster_bits;
+  }
+  *off = at;
+  q->cfill = (at + len) & (cs - 1) ? at + len : 0;
+  return 0;
+}
+
+/* Give back what alloc_bytes reserved at OFF (the write failed). */
+static void
+unalloc_bytes (struct qcow *q, uint64_t off, uint64_t len)
+{
+  for (uint64_t c = off >> q->cluster_bits; c <= (off + len - 1) >> q->cluster_bits; c++)
+    rc_free (q, c, 1);
+  q->cfill = 0;
+}
+
+int
+qcow_write_compressed_data (struct qcow *q, uint64_t gc, const void *data, size_t len)
+{
+  const uint64_t cs = q->cluster_size;
+  int r = check_write_range (q, 1, gc << q->cluster_bits);
+  if (r < 0)
+    return r;
+  if (len == 0 || len >= cs) {
+    ERR (q, "compressed data of %zu bytes for a %" PRIu64 "-byte cluster", len, cs);
+    return -EINVAL;
+  }
+  if (q->data_path) {
+    ERR (q, "compressed clusters are not possible with an external data file");
+    return -ENOTSUP;
+  }
+  stat_add (q, STAT_WRITES, 1);
+  io_lock_shared (q);
+  pthread_mutex_lock (&q->lock);
+  struct cmap m;
+  struct centry *e;
+  uint64_t off = 0;
+  if ((r = begin_modify (q)) < 0)
+    goto out;
+  for (;;) {
+    if ((r = l2_lookup (q, gc, &m)) < 0)
+      goto out;
+    if (!inflight_find (q, gc))
+      break;
+    pthread_cond_wait (&q->alloc_cond, &q->lock);
+  }
+  /* The L2 table (unshared) before the data, as for any allocation. */
+  if ((r = l2_get_slice (q, gc, true, &e)) < 0 ||
+      (r = alloc_bytes (q, len, &off)) < 0)
+    goto out;
+  struct inflight f = { .first = gc, .count = 1, .next = q->inflight };
+  q->inflight = &f;
+  pthread_mutex_unlock (&q->lock);
+  r = io_pwrite (q, data, len, off);
+  pthread_mutex_lock (&q->lock);
+  if (r == 0) {
+    unsigned x = 62 - (q->cluster_bits - 8);
+    uint64_t nsect = ((off + len - 1) >> 9) - (off >> 9);
+    r = l2_set_with_bitmap (q, gc, ENTRY_COMPRESSED | off | (nsect << x), 0);
+  }
+  if (r == 0) {
+    /* The old contents go once the new link is durable. */
+    if (m.kind == C_COMPRESSED)
+      compressed_defer_free (q, m.host);
+    else if ((m.kind == C_DATA || m.kind == C_ZERO_ALLOC || m.kind == C_SUBCL) && m.host)
+      rc_defer_free (q, m.host >> q->cluster_bits);
+  }
+  else
+    unalloc_bytes (q, off, len);
+  inflight_remove (q, &f);
+ out:
+  pthread_mutex_unlock (&q->lock);
+  io_unlock_shared (q);
+  return r == -ENOTSUP ? -EIO : r;
+}
+
+int
+qcow_write_compressed (struct qcow *q, const void *buf, uint64_t gc)
+{
+  const uint64_t cs = q->cluster_size;
+  int r = check_write_range (q, 1, gc << q->cluster_bits);
+  if (r < 0)
+    return r;
+  uint64_t valid = q->h.size - (gc << q->cluster_bits);
+  if (valid > cs)
+    valid = cs;
+  uint8_t *in = (uint8_t *) buf, *out = malloc (cs), *padded = NULL;
+  if (!out)
+    return -ENOMEM;
+  if (valid < cs) {             /* a last cluster cut short: zero padded */
+    if (!(padded = calloc (1, cs))) {
+      free (out);
+      return -ENOMEM;
+    }
+    memcpy (padded, buf, valid);
+    in = padded;
+  }
+  int64_t n = qcow_compress (q, in, out);
+  if (n > 0)
+    r = qcow_write_compressed_data (q, gc, out, n);
+  else if (n == 0)
+    r = qcow_write (q, in, valid, gc << q->cluster_bits, 0);
+  else
+    r = n;
+  free (out);
+  free (padded);
   return r;
 }
 

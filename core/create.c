@@ -50,6 +50,10 @@ check_opts (const char *name, const struct qcow_create_opts *o,
     qcow_errorf (name, "refcount width must be 1..64 bits (16 for version 2)");
     return -EINVAL;
   }
+  if (o->compression_type > 1 || (o->version == 2 && o->compression_type)) {
+    qcow_errorf (name, "compression type must be zlib, or zstd with version 3");
+    return -EINVAL;
+  }
   if (o->version == 2 && o->lazy_refcounts) {
     qcow_errorf (name, "lazy refcounts need version 3 (compat=1.1)");
     return -EINVAL;

@@ -133,6 +133,10 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
   const uint64_t cs = q->cluster_size;
   uint64_t first = div_round_up (offset, cs), end = (offset + count) / cs;
   int r = 0;
+  /* A last cluster the virtual size cuts short counts as whole when the
+   * range reaches the end (a trim, as QEMU discards it). */
+  if (trim && offset + count == q->h.size && q->h.size % cs && first <= end)
+    end++;
   *nclusters = 0;
   pthread_mutex_lock (&q->lock);
   r = begin_modify (q);

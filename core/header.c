@@ -291,6 +291,10 @@ header_build (uint8_t *buf, size_t bufsize, const struct qcow_create_opts *o,
     h.compatible_features = o->lazy_refcounts ? QCOW_COMPAT_LAZY_REFCOUNTS : 0;
     h.refcount_order = o->refcount_order;
     h.header_length = QCOW_V3_HEADER_LEN;
+    if (o->compression_type == 1) {       /* zstd */
+      h.incompatible_features = QCOW_INCOMPAT_COMPRESSION;
+      h.compression_type = 1;
+    }
     off = QCOW_V3_HEADER_LEN;
     /* Feature name table, as QEMU writes it, if it fits. */
     size_t n = bufsize > off + 16 ? fmt_feature_table_encode (buf + off + 8, bufsize - off - 16) : 0;

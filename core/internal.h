@@ -103,13 +103,17 @@ struct chain {               /* the images above one being opened */
   ino_t ino[16];
 };
 
-struct snapshot {
+struct snapshot {            /* one entry of the snapshot table */
   uint64_t l1_offset;
   uint32_t l1_size;
   char *id, *name;
   uint32_t date_sec, date_nsec;
   uint64_t vm_clock_nsec, vm_state_size, disk_size;
+  uint64_t icount;         /* UINT64_MAX: not recorded */
   bool has_disk_size;
+  uint8_t *extra;          /* its extra data as read (what we do not know
+                              of it is written back as it was) */
+  uint32_t extra_len;
 };
 
 /* One open image, shared by every thread that uses it.
@@ -222,6 +226,8 @@ struct qcow {
                               the original end of file (or of what the
                               fixed-size storage holds): reads as zeros */
   uint64_t free_hint;      /* no free cluster below this one */
+  uint64_t cfill;          /* compressed writes: the next free byte in the
+                              host cluster being filled, 0 = none */
   struct inflight *inflight;
   struct move_mark *moving;/* sorted by gc: compaction's current batch */
   size_t nmoving;
@@ -444,8 +450,13 @@ int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,
                  unsigned *flags);
 
 /* ---- snapshot.c ---- */
+size_t snapshot_entry_decode (const uint8_t *p, uint64_t avail, struct snapshot *s,
+                              const char **why);
+void snapshot_clear (struct snapshot *s);
 int snapshots_load (struct qcow *q);
 void snapshots_free (struct qcow *q);
+int snapshot_find (struct qcow *q, const char *id_or_name);
+int snapshot_select (struct qcow *q);
 
 /* ---- open.c ---- */
 int connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,

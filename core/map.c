@@ -277,3 +277,89 @@ qcow_allocated_bytes (struct qcow *q, uint64_t *bytes)
   *bytes = n * q->cluster_size;
   return r;
 }
+
+/* ---- one layer's mapping (qcow_map_layer) ---- */
+
+/* What this image alone says of guest cluster GC (mapped as M) at byte IN
+ * of it: flags, host offset, and the bytes from IN on that it says the
+ * same of (the rest of the cluster, or the run of like subclusters). */
+static void
+layer_cluster (struct qcow *q, const struct cmap *m, uint64_t in,
+               unsigned *flags, uint64_t *host, uint64_t *step)
+{
+  const uint64_t cs = q->cluster_size;
+  *step = cs - in;
+  *host = 0;
+  *flags = 0;
+  switch (m->kind) {
+  case C_UNALLOC: *flags = 0; return;
+  case C_ZERO: *flags = QCOW_LAYER_ZERO; return;
+  case C_ZERO_ALLOC: *flags = QCOW_LAYER_ZERO | QCOW_LAYER_OFFSET; break;
+  case C_DATA: *flags = QCOW_LAYER_DATA | QCOW_LAYER_OFFSET; break;
+  case C_COMPRESSED: *flags = QCOW_LAYER_DATA | QCOW_LAYER_COMPRESSED; return;
+  case C_SUBCL: {
+    /* Per subcluster, as QEMU's qcow2_get_subcluster_type: allocated,
+     * zero (with or without a host cluster), or unallocated (with or
+     * without one). */
+    const uint64_t us = 1ULL << q->sc_bits;
+    unsigned u = in >> q->sc_bits;
+    uint64_t bits = (m->bitmap >> u & 1) | (m->bitmap >> (u + 32) & 1) << 1;
+    uint64_t n = us - (in & (us - 1));
+    while (in + n < cs) {
+      unsigned v = (in + n) >> q->sc_bits;
+      if (((m->bitmap >> v & 1) | (m->bitmap >> (v + 32) & 1) << 1) != bits)
+        break;
+      n += us;
+    }
+    *step = n;
+    *flags = bits & 1 ? QCOW_LAYER_DATA : bits & 2 ? QCOW_LAYER_ZERO : 0;
+    if (!m->host)
+      return;
+    *flags |= QCOW_LAYER_OFFSET;
+    break;
+  }
+  }
+  *host = m->host + in;
+}
+
+int
+qcow_map_layer (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *lenp,
+                unsigned *flagsp, uint64_t *hostp)
+{
+  int r = check_range (q, count, offset);
+  if (r < 0)
+    return r;
+  const uint64_t cs = q->cluster_size;
+  uint64_t len = 0, host = 0;
+  unsigned flags = 0;
+  pthread_mutex_lock (&q->lock);
+  while (len < count) {
+    uint64_t off = offset + len, gc = off >> q->cluster_bits;
+    uint64_t idx = gc >> q->l2_bits, h = 0, step;
+    unsigned f;
+    if (!(q->l1[idx] & L1_OFFSET_MASK)) {
+      f = 0;                    /* no L2 table: all unallocated */
+      step = ((idx + 1) << (q->l2_bits + q->cluster_bits)) - off;
+    }
+    else {
+      struct cmap m;
+      if ((r = l2_lookup (q, gc, &m)) < 0)
+        break;
+      layer_cluster (q, &m, off & (cs - 1), &f, &h, &step);
+    }
+    if (step > count - len)
+      step = count - len;
+    if (len == 0) {
+      flags = f;
+      host = h;
+    }
+    else if (f != flags || ((f & QCOW_LAYER_OFFSET) && h != host + len))
+      break;
+    len += step;
+  }
+  pthread_mutex_unlock (&q->lock);
+  *lenp = len;
+  *flagsp = flags;
+  *hostp = host;
+  return r;
+}

@@ -98,7 +98,7 @@ int
 qcow_connect (const char *path, const struct qcow_config *cfg, struct qcow **qp)
 {
   struct qcow_backend *b;
-  int r = qcow_backend_open_file (path, cfg && cfg->read_only, &b);
+  int r = qcow_backend_open_file (path, cfg && (cfg->read_only || cfg->snapshot), &b);
   return r < 0 ? r : qcow_connect_backend (b, cfg, qp);
 }
 
@@ -187,7 +187,8 @@ connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
     r = -ENOMEM;
     goto fail;
   }
-  if ((r = snapshots_load (q)) < 0 || (r = data_file_open (q)) < 0 ||
+  if ((r = snapshots_load (q)) < 0 || (r = snapshot_select (q)) < 0 ||
+      (r = data_file_open (q)) < 0 ||
       (r = backing_open (q, chain)) < 0)
     goto fail;
   *qp = q;

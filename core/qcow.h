@@ -60,6 +60,8 @@ struct qcow_config {
   uint64_t compact_rate;   /* background compaction moves at most this many
                               bytes a second; 0 = no limit (default 64 MiB);
                               qcow_compact called directly is never paced */
+  const char *snapshot;    /* serve this internal snapshot (its ID, else
+                              its name), read-only; NULL: the active layer */
 };
 #define QCOW_DEFAULT_COMPACT_RATE (64ULL << 20)
 QCOW_API void qcow_config_default (struct qcow_config *cfg);
@@ -118,6 +120,7 @@ struct qcow_create_opts {
   unsigned refcount_order; /* 0..6; default 4 (16 bit refcounts) */
   unsigned version;        /* 2 or 3; default 3 */
   bool lazy_refcounts;     /* default true (v3 only) */
+  unsigned compression_type;   /* 0 zlib (default), 1 zstd (v3 only) */
 };
 QCOW_API void qcow_create_opts_default (struct qcow_create_opts *opts);
 
@@ -193,15 +196,36 @@ QCOW_API const char *qcow_filename (struct qcow *q);
 QCOW_API int qcow_backing_info (struct qcow *q, const char **path, const char **format,
                        struct qcow **next);
 
-/* Internal snapshots (listed; the active layer is what is served). */
+/* Internal snapshots, as QEMU makes them (qemu-img snapshot): listed,
+ * created, applied and deleted.  The active layer is what is read and
+ * written (cfg.snapshot opens a snapshot read-only instead). */
 struct qcow_snapshot_info {
-  const char *id, *name;       /* valid while the image is open */
+  const char *id, *name;       /* valid until the list changes */
   uint32_t date_sec, date_nsec;
   uint64_t vm_clock_nsec, vm_state_size, disk_size;
   uint32_t l1_size;
+  uint64_t icount;             /* UINT64_MAX if not recorded */
 };
 QCOW_API int qcow_snapshot_count (struct qcow *q);
 QCOW_API int qcow_get_snapshot (struct qcow *q, int i, struct qcow_snapshot_info *info);
+/* The index of the snapshot whose ID is ID_OR_NAME, else of the first one
+ * named so (QEMU's lookup), or -ENOENT (no message). */
+QCOW_API int qcow_snapshot_find (struct qcow *q, const char *id_or_name);
+/* Create a snapshot of the active layer named NAME (1 to 255 bytes, not
+ * the name or ID of another snapshot), with the next free numeric ID;
+ * apply (revert the active layer, and the virtual size, to) a snapshot;
+ * delete one.  Each is one atomic switch: the new L1 table, L2 tables
+ * and refcount structure are written to free space and made durable,
+ * then one header write moves to them, so after a crash at any moment
+ * the image is either as it was or as it is after the operation, and
+ * consistent (qemu-img check finds no errors).  Space the old state used
+ * is freed (punched) afterwards.  Return 0, or -errno with a message
+ * (-ENOENT: no such snapshot; -EEXIST: name taken; -ENAMETOOLONG;
+ * -ERANGE: the refcount width cannot count the references; -EAGAIN: the
+ * image is in use).  Wait for requests in flight. */
+QCOW_API int qcow_snapshot_create (struct qcow *q, const char *name);
+QCOW_API int qcow_snapshot_apply (struct qcow *q, const char *id_or_name);
+QCOW_API int qcow_snapshot_delete (struct qcow *q, const char *id_or_name);
 
 /* Byte-granular I/O: any offset and count inside the virtual size. */
 #define QCOW_FUA 1u            /* write: durable before returning */
@@ -234,6 +258,15 @@ struct qcow_compact_result {
 typedef void (*qcow_progress_fn) (int percent, void *opaque);
 QCOW_API int qcow_compact (struct qcow *q, qcow_progress_fn progress, void *opaque,
                   struct qcow_compact_result *res);
+/* Commit (qemu-img commit): write the runs this image stores itself
+ * (qemu-img map's depth 0) into its backing file, qcow2 or raw, grown to
+ * the virtual size if smaller, and make that durable; then, unless KEEP,
+ * empty this image so that it reads through to the backing file.  The
+ * backing file is reopened read-write and locked (-EAGAIN with a message
+ * if another process uses it: nothing is changed then) and stays so
+ * until Q is closed.  Not while other requests use Q. */
+QCOW_API int qcow_commit (struct qcow *q, bool keep, qcow_progress_fn progress,
+                          void *opaque);
 /* Start the background thread (stopped by qcow_disconnect): it punches
  * the holes of clusters freed by a flush (with cfg.discard; without the
  * thread the flush punches them itself) and compacts once
@@ -274,6 +307,18 @@ typedef int (*qcow_extent_fn) (uint64_t offset, uint64_t len, unsigned flags,
                                void *opaque);
 QCOW_API int qcow_map_all (struct qcow *q, uint64_t offset, uint64_t count,
                            qcow_extent_fn fn, void *opaque);
+/* The mapping of this image alone, not its backing file (what qemu-img
+ * map reports for one layer).  Describes the run starting at OFFSET (at
+ * most COUNT bytes): *LEN gets its length, *FLAGS a combination of these,
+ * and with QCOW_LAYER_OFFSET *HOST the offset in the image file (or its
+ * external data file) where the run starts, contiguous over the run.
+ * Neither DATA nor ZERO: unallocated here (the backing file shows). */
+#define QCOW_LAYER_DATA       1u   /* data stored in this image */
+#define QCOW_LAYER_ZERO       2u   /* reads as zeros, said by this image */
+#define QCOW_LAYER_OFFSET     4u   /* *HOST is valid */
+#define QCOW_LAYER_COMPRESSED 8u   /* compressed cluster (no offset) */
+QCOW_API int qcow_map_layer (struct qcow *q, uint64_t offset, uint64_t count,
+                             uint64_t *len, unsigned *flags, uint64_t *host);
 /* The next offset >= FROM that may hold data / that is a hole; the virtual
  * size if there is none. */
 QCOW_API int64_t qcow_seek_mapped (struct qcow *q, uint64_t from);
@@ -294,8 +339,33 @@ struct qcow_stats {
 };
 QCOW_API void qcow_get_stats (struct qcow *q, struct qcow_stats *st);
 
+/* How many of the first N host clusters are in use (refcount above
+ * zero), counting no further than LIMIT. */
+QCOW_API int qcow_used_clusters (struct qcow *q, uint64_t n, uint64_t limit,
+                                 uint64_t *count);
+
 /* Bytes of guest data allocated (clusters mapped in L2 tables). */
 QCOW_API int qcow_allocated_bytes (struct qcow *q, uint64_t *bytes);
+
+/* Compressed clusters, written as QEMU writes them (qemu-img convert -c):
+ * the image's compression type (zlib: raw deflate with a 4 KiB window;
+ * zstd), the data packed into host clusters at byte granularity, every
+ * host cluster it touches counted once more.
+ *
+ * qcow_compress compresses one cluster (cluster_size bytes at IN) into
+ * OUT (room for cluster_size bytes) and returns the compressed length,
+ * or 0 if that is not smaller than a cluster (then store it as it is);
+ * it touches nothing in Q, so callers may compress on many threads and
+ * write the results in order.  qcow_write_compressed_data stores LEN such
+ * bytes (0 < LEN < cluster_size) as guest cluster GC, freeing what GC
+ * held.  qcow_write_compressed does both (writing BUF uncompressed when
+ * it does not compress); for a last cluster that the virtual size cuts
+ * short, what BUF holds past the end is taken as zeros.  Not possible
+ * with an external data file (-ENOTSUP). */
+QCOW_API int64_t qcow_compress (struct qcow *q, const void *in, void *out);
+QCOW_API int qcow_write_compressed_data (struct qcow *q, uint64_t gc,
+                                         const void *data, size_t len);
+QCOW_API int qcow_write_compressed (struct qcow *q, const void *buf, uint64_t gc);
 
 /* Integrity check and repair of qcow2 images.
  *

@@ -170,6 +170,7 @@ rc_rebuild (struct qcow *q)
   if (new_end << q->cluster_bits > q->file_size)
     q->file_size = new_end << q->cluster_bits;
   q->npending = 0;              /* recounted from the tables */
+  q->cfill = 0;
   qcow_debugf ("%s: refcounts rebuilt (%" PRIu64 " clusters)", q->filename, E);
  out:
   free (counts);

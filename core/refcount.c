@@ -420,6 +420,8 @@ rc_free (struct qcow *q, uint64_t cluster, uint64_t n)
       return r;
     if (rc == 1 && c < q->free_hint)
       q->free_hint = c;
+    if (rc == 1 && c == q->cfill >> q->cluster_bits)
+      q->cfill = 0;             /* no more compressed data into it */
   }
   return 0;
 }
@@ -684,5 +686,29 @@ rc_write_structure (struct qcow_backend *b, unsigned cluster_bits,
   free (used);
   free (tab);
   free (blk);
+  return r;
+}
+
+/* ---- counting ---- */
+
+int
+qcow_used_clusters (struct qcow *q, uint64_t n, uint64_t limit, uint64_t *count)
+{
+  int r = 0;
+  uint64_t k = 0;
+  pthread_mutex_lock (&q->lock);
+  for (uint64_t c = 0; c < n && k < limit && r == 0; c++) {
+    uint64_t idx = c >> q->rb_bits, rc;
+    if (idx >= q->rct_entries)
+      break;
+    if (q->rct[idx] == 0) {
+      c |= (1ULL << q->rb_bits) - 1;    /* no block: the whole range is free */
+      continue;
+    }
+    if ((r = rc_get (q, c, &rc)) == 0 && rc)
+      k++;
+  }
+  pthread_mutex_unlock (&q->lock);
+  *count = k;
   return r;
 }

@@ -115,6 +115,12 @@ qcow_resize (struct qcow *q, uint64_t new_size, bool ignore_data_loss)
     ERR (q, "cannot shrink an image that has internal snapshots");
     return -ENOTSUP;
   }
+  if (new_size != q->h.size && q->nsnap && q->h.version < 3) {
+    /* As QEMU: its v2 readers take every snapshot to be of the image's
+     * size, and it could not apply them afterwards. */
+    ERR (q, "cannot resize a version 2 image that has internal snapshots");
+    return -ENOTSUP;
+  }
   if (new_size < q->h.size && !ignore_data_loss) {
     ERR (q, "shrinking from %" PRIu64 " to %" PRIu64 " bytes would lose data "
          "(use --ignore-data-loss)", q->h.size, new_size);

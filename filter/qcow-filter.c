@@ -382,7 +382,8 @@ static int
 filter_get_ready (int thread_model)
 {
   serialize = thread_model != NBDKIT_THREAD_MODEL_PARALLEL;
-  params.config.read_only = params_started_readonly ();
+  /* A snapshot is served read-only (qemu-nbd -l). */
+  params.config.read_only = params_started_readonly () || params.config.snapshot;
   if (open_plugin (backend_early) < 0) {
     if (plugin) {
       close_plugin ();

@@ -20,6 +20,9 @@
  *   bits pick the request (read, write, trim, zero, map, seek, flush,
  *   queries, resize, compact, rebuild), bits 4-5 where it lands (anywhere,
  *   cluster aligned, at the end, past the end), bits 6-7 its flags.
+ *   Opcodes 11 (snapshot create, or with flags apply or delete) and 12
+ *   (a compressed write) exercise the snapshot transaction and the
+ *   compressed cluster packing.
  *
  * Whatever the image, the core must not crash, leak, hang or trip a
  * sanitizer.  An image that qcow_check_file finds clean must still be
@@ -215,6 +218,31 @@ request (struct qcow *q, struct script *s, bool faulty)
   case 10:
     qcow_rebuild_refcount_table (q);
     break;
+  case 11: {                    /* snapshots: create, apply, delete */
+    char name[16];
+    snprintf (name, sizeof name, "f%u", (unsigned) (frac % 1000));
+    int n = qcow_snapshot_count (q);
+    struct qcow_snapshot_info si;
+    if (flags == 0 || n <= 0)
+      qcow_snapshot_create (q, name);
+    else if (qcow_get_snapshot (q, frac % n, &si) == 0) {
+      snprintf (name, sizeof name, "%.15s", si.id);
+      if (flags == 1)
+        qcow_snapshot_apply (q, name);
+      else
+        qcow_snapshot_delete (q, name);
+    }
+    break;
+  }
+  case 12: {                    /* a compressed write of a whole cluster */
+    struct qcow_info info;
+    qcow_get_info (q, &info);
+    if (info.cluster_size <= MAX_IO) {
+      fill (wbuf, info.cluster_size, off, (uint8_t) (frac & 3));   /* compressible */
+      qcow_write_compressed (q, wbuf, off / info.cluster_size);
+    }
+    break;
+  }
   default:                      /* read */
     qcow_read (q, rbuf, len, off);
     break;

@@ -119,7 +119,8 @@ plugin_config_complete (void)
 static int
 plugin_get_ready (void)
 {
-  params.config.read_only = params_started_readonly ();
+  /* A snapshot is served read-only (qemu-nbd -l). */
+  params.config.read_only = params_started_readonly () || params.config.snapshot;
   if (qcow_connect (filename, &params.config, &image) < 0)
     return -1;
   return params_ready (&params, image, filename);

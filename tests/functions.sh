@@ -416,6 +416,38 @@ assert_same ()
     cmp "$1" "$2" >&2 || die "${3:-$1 and $2} differ"
 }
 
+# tool_refuses WHAT CMD...: CMD (a qcow-tool command) must fail as a
+# refusal does: exit status 1 and one line on stderr, "qcow-tool: ...".
+# (Whether the files are unchanged is for the caller to compare.)
+tool_refuses ()
+{
+    local what=$1 status=0
+    shift
+    "$@" >/dev/null 2>"$TMPD/refusal.txt" || status=$?
+    [ $status = 1 ] || { cat "$TMPD/refusal.txt" >&2; die "$what: exit status $status, expected 1"; }
+    [ "$(wc -l <"$TMPD/refusal.txt")" = 1 ] ||
+        { cat "$TMPD/refusal.txt" >&2; die "$what: not one line of error"; }
+    grep -q '^qcow-tool: ' "$TMPD/refusal.txt" || die "$what: $(cat "$TMPD/refusal.txt")"
+    echo "$what: $(cat "$TMPD/refusal.txt")"
+}
+
+# wait_locked FILE [write]: wait (up to 20 s) until a process holds
+# QEMU's locks on FILE (with "write": the write locks, byte 103, the
+# resize permission only a writer holds), looking at /proc/locks: probing
+# with a tool would take locks of its own, and make a starting writer fail.
+wait_locked ()
+{
+    local ino i re
+    ino=$(stat -c %i "$1")
+    re=":$ino [0-9]+ [0-9]+\$"
+    [ "$2" = write ] && re=":$ino [0-9]+ 103\$"
+    for (( i = 0; i < 200; i++ )); do
+        grep -Eq "$re" /proc/locks && return 0
+        sleep 0.1
+    done
+    die "nobody holds the ${2:+$2 }locks of $1"
+}
+
 # The plugin, filter and tool must be built before the tests run.
 [ -f "$QCOW_SO" ] || die "$QCOW_SO not found: run make (or set QCOW_BUILD)"
 [ -f "$QCOW_FILTER" ] || die "$QCOW_FILTER not found: run make (or set QCOW_BUILD)"

@@ -20,13 +20,13 @@
 #include <unistd.h>
 
 #include "qcow.h"
-#include "qcow.h"
+#include "tool.h"
 
 #define PROG "qcow-tool"
 
 /* ---- messages ---- */
 
-static void __attribute__ ((format (printf, 1, 2)))
+void __attribute__ ((format (printf, 1, 2)))
 fail (const char *fmt, ...)
 {
   va_list ap;
@@ -46,7 +46,7 @@ core_error (const char *msg)
 }
 
 /* A usage error in subcommand CMD: one line, exit status 1. */
-static int __attribute__ ((format (printf, 2, 3)))
+int __attribute__ ((format (printf, 2, 3)))
 usage_error (const char *cmd, const char *fmt, ...)
 {
   va_list ap;
@@ -66,7 +66,7 @@ usage_error (const char *cmd, const char *fmt, ...)
  * (powers of 1024, either case).  A fraction needs a unit other than
  * bytes; the result is rounded to the nearest byte.  Returns false on
  * syntax error or overflow. */
-static bool
+bool
 parse_size (const char *s, uint64_t *out)
 {
   static const char units[] = "bkmgtpe";
@@ -127,7 +127,7 @@ parse_size (const char *s, uint64_t *out)
 }
 
 /* "1 GiB", "1.5 MiB", "512 B": three significant digits, as qemu-img. */
-static const char *
+const char *
 human_size (uint64_t n, char *buf, size_t len)
 {
   static const char *const suffix[] =
@@ -203,7 +203,7 @@ encryption_name (unsigned m, char *buf, size_t len)
  * characters are escaped; bytes that are not valid UTF-8 (a backing
  * file name may hold anything) become U+FFFD so the output stays valid
  * JSON. */
-static void
+void
 json_string (FILE *fp, const char *s)
 {
   const unsigned char *p = (const unsigned char *) s;
@@ -247,7 +247,7 @@ json_string (FILE *fp, const char *s)
 
 /* Write S for a terminal: control characters (a backing file name may
  * hold anything) are shown as \xNN. */
-static void
+void
 text_string (FILE *fp, const char *s)
 {
   for (const unsigned char *p = (const unsigned char *) s; *p; p++) {
@@ -730,7 +730,7 @@ cmd_resize (int argc, char **argv)
 
 /* ---- compact ---- */
 
-static void
+void
 progress_bar (int percent, void *opaque)
 {
   int *last = opaque;
@@ -789,35 +789,6 @@ cmd_compact (int argc, char **argv)
             res.copied, res.refs_updated, res.old_size, res.old_size * 512,
             res.new_size, res.new_size * 512);
   return 0;
-}
-
-/* ---- map ---- */
-
-static int
-cmd_map (int argc, char **argv)
-{
-  if (argc != 2)
-    return usage_error ("map", "expected FILE");
-  struct qcow_config cfg;
-  struct qcow *q;
-  qcow_config_default (&cfg);
-  cfg.read_only = true;
-  if (qcow_connect (argv[1], &cfg, &q) < 0)
-    return 1;
-  struct qcow_info info;
-  qcow_get_info (q, &info);
-  int r = 0;
-  for (uint64_t off = 0; off < info.size && r == 0;) {
-    uint64_t len;
-    unsigned f;
-    r = qcow_map (q, off, info.size - off, &len, &f);
-    if (r == 0)
-      printf ("%" PRIu64 "\t%" PRIu64 "\t%s\n", off, len,
-              f & QCOW_EXTENT_HOLE ? "hole" : f & QCOW_EXTENT_ZERO ? "zero" : "data");
-    off += r == 0 ? len : 0;
-  }
-  qcow_disconnect (q);
-  return r < 0;
 }
 
 /* ---- check and repair ---- */
@@ -986,7 +957,7 @@ print_check_json (const char *file, const struct qcow_check_result *r,
   printf ("  \"problems-truncated\": %s\n}\n", l->truncated ? "true" : "false");
 }
 
-static int
+int
 flush_stdout (void)
 {
   if (fflush (stdout) == EOF || ferror (stdout)) {
@@ -1147,11 +1118,109 @@ static const struct command commands[] = {
     "Options:\n"
     "  -p, --progress   draw a progress bar on standard error (a terminal)\n"
     "  --json           print the result as one JSON object\n" },
-  { "map", cmd_map, "FILE",
-    "print the guest ranges: offset, length, data|zero|hole",
-    "Prints one line per run of the virtual disk: its offset and length in\n"
-    "bytes and whether it holds data, reads as zeros (zero) or is\n"
-    "unallocated (hole), separated by tabs.  Opens the image read-only.\n" },
+  { "map", cmd_map,
+    "FILE [--output=human|json] [--json] [--start-offset=OFFSET]\n"
+    "[--max-length=LENGTH] [-l SNAPSHOT] [-U]",
+    "print where each run of the disk comes from, as qemu-img map",
+    "Prints the layout of the virtual disk as qemu-img map does, in the\n"
+    "same two formats and byte for byte the same: for every run, the layer\n"
+    "of the backing chain it comes from (depth), whether that layer has it\n"
+    "(present), whether it reads as zeros or data, and its offset in which\n"
+    "file.  The human format lists the runs holding data only, and fails\n"
+    "(exit 1) on compressed clusters, which have no offset, as qemu-img's\n"
+    "does.  Opens the image read-only.\n"
+    "\n"
+    "Options:\n"
+    "  --output=human|json      the format (default human)\n"
+    "  --json                   the same as --output=json\n"
+    "  --start-offset=OFFSET    start there (default 0)\n"
+    "  --max-length=LENGTH      map at most LENGTH bytes\n"
+    "  -l, --snapshot=ID|NAME   map this internal snapshot\n"
+    "  -U, --force-share        take no lock, like qemu-img -U\n" },
+  { "sha", cmd_sha, "FILE [--json] [-l SNAPSHOT] [-U] [-p|--progress]",
+    "print the SHA-256 of the virtual disk (holes are not read)",
+    "Prints the SHA-256 of the virtual disk, as sha256sum prints it\n"
+    "(\"DIGEST  FILE\"): the digest of what qemu-img convert -O raw would\n"
+    "write.  Ranges that read as zeros are hashed without being read; data\n"
+    "is read on every CPU.  Opens the image read-only.\n"
+    "\n"
+    "Options:\n"
+    "  --json                   print one JSON object (filename,\n"
+    "                           virtual-size, sha256)\n"
+    "  -l, --snapshot=ID|NAME   hash this internal snapshot\n"
+    "  -U, --force-share        take no lock, like qemu-img -U\n"
+    "  -p, --progress           draw a progress bar on standard error (a\n"
+    "                           terminal)\n" },
+  { "discard", cmd_discard, "FILE [--json] [--compact] [-p|--progress]",
+    "unallocate the clusters that read as zeros (--compact: then compact)",
+    "Reads every cluster the image stores itself and discards those that\n"
+    "read as all zeros, so the image reads the same and takes less space.\n"
+    "Over a backing file the discarded clusters get the zero flag (a\n"
+    "version 2 image has none: nothing is discarded there).  Prints the\n"
+    "clusters examined and discarded.\n"
+    "\n"
+    "Options:\n"
+    "  --json           print the result as one JSON object\n"
+    "  --compact        compact afterwards, as qcow-tool compact\n"
+    "  -p, --progress   draw a progress bar on standard error (a terminal)\n" },
+  { "commit", cmd_commit, "FILE [-d] [-p|--progress]",
+    "write the image's data into its backing file and empty it, as\n"
+    "      qemu-img commit",
+    "Writes the data FILE holds itself into its backing file (qcow2 or raw;\n"
+    "grown to FILE's size if smaller), makes it durable there, then empties\n"
+    "and compacts FILE, so that it reads through to the backing file, as\n"
+    "qemu-img commit does.  Both files are locked for writing: if anything\n"
+    "else has either open, nothing is changed.\n"
+    "\n"
+    "Options:\n"
+    "  -d               keep FILE's data (qemu-img commit -d)\n"
+    "  -p, --progress   draw a progress bar on standard error (a terminal)\n" },
+  { "snapshot", cmd_snapshot,
+    "-l [--json] [-U] FILE | -c NAME FILE | -a ID|NAME FILE\n"
+    "| -d ID|NAME FILE",
+    "list, create, apply (revert to) or delete internal snapshots, as\n"
+    "      qemu-img snapshot",
+    "Lists (-l), creates (-c), applies (-a: reverts the disk, and its size,\n"
+    "to the snapshot) or deletes (-d) internal snapshots, as qemu-img\n"
+    "snapshot does and in QEMU's format.  -l prints what qemu-img snapshot\n"
+    "-l prints (nothing when there are none).  -a and -d find a snapshot by\n"
+    "its ID, else by its name.  A new snapshot gets the next free numeric\n"
+    "ID; its name (1 to 255 bytes) must not be another snapshot's name or\n"
+    "ID.  Each change is one atomic switch: a crash at any moment leaves\n"
+    "the image as it was or as it is after, and consistent.\n"
+    "\n"
+    "Options:\n"
+    "  -l                  list the snapshots (the image is opened read-only)\n"
+    "  -c NAME             create a snapshot of the disk as it is now\n"
+    "  -a ID|NAME          apply the snapshot: the disk becomes what it was\n"
+    "  -d ID|NAME          delete the snapshot\n"
+    "  --json              with -l: a JSON array, with the fields of qemu-img\n"
+    "                      info's snapshot list\n"
+    "  -U, --force-share   with -l: take no lock\n" },
+  { "convert", cmd_convert,
+    "[-f qcow2|raw] [-O qcow2|raw] [-c] [--compression zlib|zstd]\n"
+    "[-o OPTIONS] [-l SNAPSHOT] [-p|--progress] SRC DST",
+    "copy a virtual disk into a new qcow2 image (-c: compressed) or raw file",
+    "Copies the virtual disk of SRC (a qcow2 image, its backing chain\n"
+    "flattened, or a raw file) into DST: a new qcow2 image, where clusters\n"
+    "that read as zeros stay unallocated, or a sparse raw file.  With -c\n"
+    "every cluster is compressed as qemu-img convert -c does, on every CPU,\n"
+    "the writes in guest order.  An existing DST is overwritten (unless it\n"
+    "is in use); a DST that did not exist is removed if the conversion fails.\n"
+    "\n"
+    "Options:\n"
+    "  -f qcow2|raw              the format of SRC (default: qcow2 if it\n"
+    "                            starts with the qcow2 magic, else raw)\n"
+    "  -O qcow2|raw              the format of DST (default qcow2)\n"
+    "  -c                        compress every cluster (qcow2 only)\n"
+    "  --compression zlib|zstd   the compression type (default zlib; zstd\n"
+    "                            needs compat=1.1)\n"
+    "  -o KEY=VALUE,...          the new image's cluster_size,\n"
+    "                            lazy_refcounts, refcount_bits, compat,\n"
+    "                            compression_type (as qemu-img create -o)\n"
+    "  -l, --snapshot=ID|NAME    read this internal snapshot of SRC\n"
+    "  -p, --progress            draw a progress bar on standard error (a\n"
+    "                            terminal)\n" },
   { "check", cmd_check, "FILE [--json]",
     "check the image's integrity (read-only); exit status as qemu-img\n"
     "      check: 0 clean, 2 corrupt, 3 leaked clusters only, 1 could not check",
