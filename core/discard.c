@@ -6,8 +6,12 @@
  * are written (zeroes) or left alone (trim).  The old host clusters are
  * not freed here: rc_defer_free queues them, and the next flush frees
  * them once the unlinking is durable (crash-safety rule 3), after which
- * the background thread punches them out of the file.  Neither syncs on
- * its own (only with QCOW_FUA). */
+ * the background thread punches them out of the file.  A raw external
+ * data file (data_file_raw) must read as the image does: there a whole
+ * cluster zeroed gets zeros written, and one trimmed is punched at once
+ * (as QEMU does; its place is fixed, never reused, and a crash before
+ * the unlinking is durable leaves the cluster reading zeros, which a
+ * trim allows).  Neither syncs on its own (only with QCOW_FUA). */
 #include <stdlib.h>
 
 #include "internal.h"
@@ -30,18 +34,21 @@ set_entry (struct qcow *q, struct centry *e, uint64_t gc, uint64_t ent)
 
 /* Make whole guest cluster GC, mapped as M, read as zeros (zero), or give
  * up its data (trim).  With q->lock held; E as for set_entry.  Sets
- * *WRITE_HOST when zeros must be written in place (v2 has no zero flag;
- * then nothing was changed, unless the image has a raw data file).  With
- * a backing file (v3 only, see qcow_zero/qcow_discard) unlinking would
- * expose the backing data, so the zero flag is used instead. */
+ * *WRITE_HOST when the caller must zero the host cluster M->host (which
+ * may be 0: guest cluster 0 of an external data file): write zeros in
+ * place (v2 has no zero flag; then nothing was changed), or, with a raw
+ * data file, make the data file read zeros as the image now does (zero:
+ * write them; trim: punch).  With a backing file (v3 only, see
+ * qcow_zero/qcow_discard) unlinking would expose the backing data, so the
+ * zero flag is used instead. */
 static int
 clear_mapped (struct qcow *q, uint64_t gc, const struct cmap *m,
               struct centry *e, bool trim, enum clear_mode mode,
-              uint64_t *write_host)
+              bool *write_host)
 {
   bool backing = q->backing_path != NULL;
   int r;
-  *write_host = 0;
+  *write_host = false;
   switch (m->kind) {
   case C_SUBCL:                 /* handled by sc_clear */
   case C_ZERO:
@@ -59,11 +66,12 @@ clear_mapped (struct qcow *q, uint64_t gc, const struct cmap *m,
       mode = CLEAR_ZERO_KEEP;   /* the raw data file must read zeros too */
     if (mode == CLEAR_ZERO_KEEP && m->copied) {
       if (q->data_raw || q->h.version < 3)
-        *write_host = m->host;
+        *write_host = true;
       if (q->h.version >= 3)
         return set_entry (q, e, gc, m->host | ENTRY_ZERO | ENTRY_COPIED);
       return 0;
     }
+    *write_host = q->data_raw;  /* trim: punched by the caller */
     break;
   case C_COMPRESSED:
     break;
@@ -76,8 +84,10 @@ clear_mapped (struct qcow *q, uint64_t gc, const struct cmap *m,
     return r;
   if (m->kind == C_COMPRESSED)
     compressed_defer_free (q, m->host);
-  else if (q->data_path)
-    rc_defer_free (q, (m->host >> q->cluster_bits) | DEFER_DATA_FILE);
+  else if (q->data_path) {
+    if (!*write_host)           /* (a raw one: punched by the caller) */
+      rc_defer_free (q, (m->host >> q->cluster_bits) | DEFER_DATA_FILE);
+  }
   else
     rc_defer_free (q, m->host >> q->cluster_bits);
   return 0;
@@ -85,12 +95,11 @@ clear_mapped (struct qcow *q, uint64_t gc, const struct cmap *m,
 
 static int
 clear_cluster (struct qcow *q, uint64_t gc, bool trim, enum clear_mode mode,
-               uint64_t *write_host)
+               struct cmap *m, bool *write_host)
 {
-  struct cmap m;
-  int r = l2_lookup (q, gc, &m);
-  *write_host = 0;
-  return r < 0 ? r : clear_mapped (q, gc, &m, NULL, trim, mode, write_host);
+  int r = l2_lookup (q, gc, m);
+  *write_host = false;
+  return r < 0 ? r : clear_mapped (q, gc, m, NULL, trim, mode, write_host);
 }
 
 /* clear_cluster for the clusters [gc, gend) of one L2 table, as far as
@@ -115,9 +124,9 @@ clear_table (struct qcow *q, uint64_t gc, uint64_t gend, bool trim,
     gend = send;                /* the rest in the next slice */
   for (; gc < gend; gc++) {
     struct cmap m;
-    uint64_t host;
+    bool write;
     if ((*r = l2_decode (q, gc, e, &m)) < 0 ||
-        (*r = clear_mapped (q, gc, &m, e, trim, mode, &host)) < 0 || host)
+        (*r = clear_mapped (q, gc, &m, e, trim, mode, &write)) < 0 || write)
       break;
     (*nclusters)++;
   }
@@ -178,15 +187,19 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
       gc--;
       continue;
     }
-    uint64_t host;
-    r = clear_cluster (q, gc, trim, mode, &host);
-    if (r == 0 && host) {
+    struct cmap m;
+    bool write_host;
+    r = clear_cluster (q, gc, trim, mode, &m, &write_host);
+    if (r == 0 && write_host) {
       if (fast) {
         r = -ENOTSUP;
         break;
       }
       pthread_mutex_unlock (&q->lock);
-      r = io_data_pwrite (q, q->zero_cluster, cs, host);
+      /* A punched hole reads as zeros (a file); if it cannot be punched,
+       * the zeros are written. */
+      if (!trim || io_punch (q, true, m.host, cs) < 0)
+        r = io_data_pwrite (q, q->zero_cluster, cs, m.host);
       pthread_mutex_lock (&q->lock);
     }
     if (r == 0)
