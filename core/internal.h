@@ -123,7 +123,7 @@ struct snapshot {            /* one entry of the snapshot table */
  *
  *   compact_lock   one compaction at a time (qcow_compact, the whole run)
  *   flush_lock     one flush_all at a time
- *   io_lock        rwlock: shared by every request that does data I/O
+ *   io_lock        (iolock.c) shared by every request that does data I/O
  *                  from a mapping it looked up (read, write, zero, trim);
  *                  exclusive for whatever frees host clusters for reuse
  *                  or moves them (applying deferred frees, compaction's
@@ -453,6 +453,11 @@ int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,
 size_t snapshot_entry_decode (const uint8_t *p, uint64_t avail, struct snapshot *s,
                               const char **why);
 void snapshot_clear (struct snapshot *s);
+/* S as a table entry into E (NULL: only the length), PAD more bytes of
+ * extra data; *EXACT (if not NULL) gets the unpadded length. */
+uint64_t snapshot_entry_encode (const struct snapshot *s, uint32_t pad,
+                                uint8_t *e, uint64_t *exact);
+#define SNAPSHOT_MAX_NAME 255              /* QEMUSnapshotInfo.name */
 int snapshots_load (struct qcow *q);
 void snapshots_free (struct qcow *q);
 int snapshot_find (struct qcow *q, const char *id_or_name);
