@@ -117,8 +117,13 @@ count (struct qcow *q, struct txn *t, uint64_t c, uint64_t n, uint32_t times)
 {
   for (uint64_t i = c; i < c + n; i++) {
     if (i >= t->ncounts) {
-      ERR (q, "internal error: cluster %" PRIu64 " outside the count", i);
-      return -EIO;
+      /* Only on storage of fixed size, where the count ends after the
+       * last cluster the refcounts use: a cluster in use past it has no
+       * refcount. */
+      return qcow_corrupt (q, "refcount table", UINT64_MAX,
+                           "cluster 0x%" PRIx64 " is in use but has no "
+                           "refcount (see qcow-tool check)",
+                           i << q->cluster_bits);
     }
     if (t->counts[i] > UINT16_MAX - times) {
       ERR (q, "cluster 0x%" PRIx64 " would have more than %u references",
