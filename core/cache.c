@@ -35,14 +35,14 @@
 
 #include "internal.h"
 
-void
+static void
 cache_init (struct cache *c, const char *what, size_t max, size_t esize,
             int (*writeback) (struct qcow *q))
 {
   memset (c, 0, sizeof *c);
   c->what = what;
   c->writeback = writeback;
-  c->max = max < 4 ? 4 : max;
+  c->max = max;               /* at least 16: caches_setup */
   c->esize = esize;
   c->lru.prev = c->lru.next = &c->lru;
 }
@@ -260,13 +260,11 @@ cache_get (struct qcow *q, struct cache *c, uint64_t key, uint64_t offset,
       lru_unlink (e);
       lru_push_front (c, e);
     }
-    if (c == &q->l2_cache)
-      stat_add (q, STAT_L2_HITS, 1);
+    q->stats.l2_cache_hits += c == &q->l2_cache;
     *ep = e;
     return 0;
   }
-  if (c == &q->l2_cache)
-    stat_add (q, STAT_L2_MISSES, 1);
+  q->stats.l2_cache_misses += c == &q->l2_cache;
   int r;
   if (!(e = entry_for_load (q, c, &r))) {
     if (r == -ENOMEM)

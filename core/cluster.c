@@ -33,10 +33,6 @@ mark_l1_dirty (struct qcow *q, uint64_t idx)
   }
 }
 
-/* Slices per L2 table, and the cache key of table IDX's first slice. */
-static uint64_t spt (struct qcow *q) { return 1ULL << (q->l2_bits - q->sl_bits); }
-static uint64_t first_key (struct qcow *q, uint64_t idx) { return idx << (q->l2_bits - q->sl_bits); }
-
 /* Where L1 entry IDX points (0: no table), validated. */
 static int
 table_offset (struct qcow *q, uint64_t idx, uint64_t *off)
@@ -58,8 +54,8 @@ l2_read_table (struct qcow *q, uint64_t idx, uint8_t *buf)
 {
   uint64_t off;
   struct centry *e;
-  if (spt (q) == 1 && idx < q->h.l1_size &&
-      (e = cache_peek (&q->l2_cache, first_key (q, idx)))) {
+  if (l2_slots (q, 1) == 1 && idx < q->h.l1_size &&
+      (e = cache_peek (&q->l2_cache, l2_slots (q, idx)))) {
     memcpy (buf, e->data, q->cluster_size);   /* maybe not written yet */
     return 0;
   }
@@ -71,8 +67,8 @@ l2_read_table (struct qcow *q, uint64_t idx, uint8_t *buf)
   else if ((r = io_pread (q, buf, q->cluster_size, off)) < 0)
     return r;
   const size_t es = q->l2_cache.esize;
-  for (uint64_t s = 0; s < spt (q); s++) {
-    struct centry *e = cache_peek (&q->l2_cache, first_key (q, idx) + s);
+  for (uint64_t s = 0; s < l2_slots (q, 1); s++) {
+    struct centry *e = cache_peek (&q->l2_cache, l2_slots (q, idx) + s);
     if (e)
       memcpy (buf + s * es, e->data, es);
   }
@@ -98,8 +94,8 @@ write_table_at (struct qcow *q, uint64_t idx, uint64_t to, bool clear_copied)
   free (buf);
   if (r < 0)
     return r;
-  for (uint64_t s = 0; s < spt (q); s++) {
-    struct centry *e = cache_peek (&q->l2_cache, first_key (q, idx) + s);
+  for (uint64_t s = 0; s < l2_slots (q, 1); s++) {
+    struct centry *e = cache_peek (&q->l2_cache, l2_slots (q, idx) + s);
     if (!e)
       continue;
     if (clear_copied)
@@ -119,8 +115,8 @@ l2_move_table (struct qcow *q, uint64_t idx, uint64_t to)
 void
 l2_drop_table (struct qcow *q, uint64_t idx)
 {
-  for (uint64_t s = 0; s < spt (q); s++)
-    cache_drop (&q->l2_cache, first_key (q, idx) + s);
+  for (uint64_t s = 0; s < l2_slots (q, 1); s++)
+    cache_drop (&q->l2_cache, l2_slots (q, idx) + s);
 }
 
 /* Table IDX is about to be modified: it must not be shared.  If its
@@ -159,7 +155,7 @@ int
 l2_get_slice (struct qcow *q, uint64_t gc, bool alloc, struct centry **ep)
 {
   const uint64_t idx = gc >> q->l2_bits, key = gc >> q->sl_bits;
-  const uint64_t soff = (key & (spt (q) - 1)) * q->l2_cache.esize;
+  const uint64_t soff = (key & (l2_slots (q, 1) - 1)) * q->l2_cache.esize;
   uint64_t off;
   int r;
   *ep = NULL;
@@ -179,7 +175,7 @@ l2_get_slice (struct qcow *q, uint64_t gc, bool alloc, struct centry **ep)
     bool fresh;
     if ((r = rc_alloc (q, 1, &c, &got, &fresh)) < 0)
       return r;
-    if (spt (q) > 1)
+    if (l2_slots (q, 1) > 1)
       r = io_pwrite (q, q->zero_cluster, q->cluster_size, c << q->cluster_bits);
     if (r == 0)
       r = cache_get (q, &q->l2_cache, key, (c << q->cluster_bits) + soff, true, ep);
@@ -196,8 +192,7 @@ l2_get_slice (struct qcow *q, uint64_t gc, bool alloc, struct centry **ep)
       return r;
     off = q->l1[idx] & L1_OFFSET_MASK;
   }
-  e = cache_peek (&q->l2_cache, key);
-  return cache_get (q, &q->l2_cache, key, e ? e->offset : off + soff, false, ep);
+  return cache_get (q, &q->l2_cache, key, off + soff, false, ep);   /* (a hit keeps its offset) */
 }
 
 int

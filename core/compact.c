@@ -89,14 +89,6 @@ add_source (struct srclist *l, struct source s)
   return 0;
 }
 
-static double
-now (void)
-{
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* What one run did and the longest each client could have waited for it
  * (seconds), for the debug message of the background thread. */
 struct compact_report {
@@ -160,9 +152,9 @@ exclusive (struct run *run)
 {
   struct qcow *q = run->q;
   for (;;) {
-    double t0 = now ();
     struct timespec ts;
     clock_gettime (CLOCK_MONOTONIC, &ts);
+    double t0 = ts.tv_sec + ts.tv_nsec * 1e-9;
     ts.tv_nsec += DRAIN_NS;
     if (ts.tv_nsec >= 1000000000) {
       ts.tv_sec++;
@@ -170,7 +162,7 @@ exclusive (struct run *run)
     }
     if (io_lock_exclusive_until (q, &ts) == 0)
       return t0;
-    longest (&run->rep.excl, now () - t0);
+    longest (&run->rep.excl, monotonic_seconds () - t0);
     run->rep.drain_timeouts++;
     usleep (BACKOFF_US);
   }
@@ -311,8 +303,6 @@ alloc_below (struct qcow *q, uint64_t limit, uint64_t *dst)
 /* Move one table cluster (L2 table or refcount block): its content is in
  * the cache, so only its location and the pointer to it change; the
  * ordered write-back puts the table before the pointer. */
-static void defer (struct run *run, uint64_t cluster);
-
 static int
 move_table (struct run *run, const struct source *s, uint64_t dst)
 {
@@ -367,8 +357,8 @@ struct item {
   struct source s;
   uint64_t dst;
   struct cmap m;           /* its mapping when the batch was chosen */
-  bool hold;               /* writes to it wait (an inflight mark) */
-  bool copied, done;
+  bool hold;               /* writes to it wait (an inflight mark); moved
+                              first, on their own */
   struct inflight f;
 };
 
@@ -381,8 +371,15 @@ copy_item (struct qcow *q, struct item *it, uint8_t *buf, struct qcow_compact_re
       r = io_pwrite (q, buf, q->cluster_size, it->dst << q->cluster_bits);
     res->copied += q->cluster_size / 512;
   }
-  it->copied = r == 0;
   return r;
+}
+
+/* The L2 entry that links IT's copy. */
+static uint64_t
+copy_entry (struct qcow *q, const struct item *it)
+{
+  return (it->dst << q->cluster_bits) | ENTRY_COPIED |
+    (it->s.kind == SRC_ZERO_ALLOC ? ENTRY_ZERO : 0);
 }
 
 /* Switch IT to its copy if nothing changed it (with q->lock held), else
@@ -394,12 +391,10 @@ switch_item (struct run *run, struct item *it, bool written, size_t *moved)
   struct cmap m;
   bool ok = false;
   int r = 0;
-  if (it->copied && (r = still_valid (q, &it->s, &ok, &m)) == 0 && ok)
+  if ((r = still_valid (q, &it->s, &ok, &m)) == 0 && ok)
     ok = !written && same_mapping (&m, &it->m);
   if (r == 0 && ok) {
-    uint64_t ent = (it->dst << q->cluster_bits) | ENTRY_COPIED |
-                   (it->s.kind == SRC_ZERO_ALLOC ? ENTRY_ZERO : 0);
-    if ((r = l2_set_synced (q, it->s.key, ent)) == 0) {
+    if ((r = l2_set_synced (q, it->s.key, copy_entry (q, it))) == 0) {
       defer (run, it->s.host);
       (*moved)++;
       run->res->refs_updated++;
@@ -407,7 +402,7 @@ switch_item (struct run *run, struct item *it, bool written, size_t *moved)
     }
   }
   rc_free (q, it->dst, 1);                  /* never referenced */
-  if (r == 0 && it->copied && written) {
+  if (r == 0 && written) {
     run->rep.called_off++;
     struct source s = it->s;
     s.tries++;
@@ -474,7 +469,7 @@ move_batch (struct run *run, struct item *items, size_t *moved)
   q->nmoving = nmarks;
   pthread_mutex_unlock (&q->lock);
   io_unlock_exclusive (q);
-  double t1 = now ();
+  double t1 = monotonic_seconds ();
   longest (&run->rep.excl, t1 - t0);
   run->paced_bytes += (*moved + n) * q->cluster_size;
 
@@ -490,18 +485,16 @@ move_batch (struct run *run, struct item *items, size_t *moved)
       r = copy_item (q, &items[i], buf, run->res);
   if (n > nmarks) {
     pthread_mutex_lock (&q->lock);
-    double t2 = now ();
+    double t2 = monotonic_seconds ();
     for (size_t i = 0; i < n; i++) {
       struct item *it = &items[i];
       if (!it->hold)
         continue;
       struct cmap m;
       int e = 0;
-      if (r == 0 && it->copied && (e = l2_lookup (q, it->s.key, &m)) == 0 &&
+      if (r == 0 && (e = l2_lookup (q, it->s.key, &m)) == 0 &&
           same_mapping (&m, &it->m)) {
-        uint64_t ent = (it->dst << q->cluster_bits) | ENTRY_COPIED |
-                       (it->s.kind == SRC_ZERO_ALLOC ? ENTRY_ZERO : 0);
-        if ((e = l2_set (q, it->s.key, ent)) == 0) {   /* (a link) */
+        if ((e = l2_set (q, it->s.key, copy_entry (q, it))) == 0) {   /* (a link) */
           defer (run, it->s.host);
           (*moved)++;
           run->res->refs_updated++;
@@ -514,27 +507,26 @@ move_batch (struct run *run, struct item *items, size_t *moved)
       if (e < 0 && r == 0)
         r = e;
       inflight_remove (q, &it->f);
-      it->done = true;
     }
     pthread_mutex_unlock (&q->lock);
-    double t3 = now ();
+    double t3 = monotonic_seconds ();
     longest (&run->rep.held, t3 - t0);
     longest (&run->rep.lock, t3 - t2);
   }
 
   /* The rest: copy, sync, then switch what no write called off. */
   for (size_t i = 0; i < n && r == 0; i++)
-    if (!items[i].done)
+    if (!items[i].hold)
       r = copy_item (q, &items[i], buf, run->res);
   free (buf);
   if (r == 0 && n > 0)
     r = sync_links (q);                     /* copies durable before the switch
                                                (and the held ones' links) */
   pthread_mutex_lock (&q->lock);
-  double t4 = now ();
+  double t4 = monotonic_seconds ();
   for (size_t i = 0; i < n; i++) {
     struct item *it = &items[i];
-    if (it->done)
+    if (it->hold)
       continue;
     if (r < 0) {
       rc_free (q, it->dst, 1);
@@ -547,7 +539,7 @@ move_batch (struct run *run, struct item *items, size_t *moved)
   }
   q->nmoving = 0;
   pthread_mutex_unlock (&q->lock);
-  longest (&run->rep.lock, now () - t4);
+  longest (&run->rep.lock, monotonic_seconds () - t4);
   run->rep.batches++;
   q->stats.compacted += *moved;
   return r;
@@ -652,7 +644,7 @@ move_tables (struct run *run, uint64_t bound)
     r = move_multi (q, false, run->res);
   pthread_mutex_unlock (&q->lock);
   io_unlock_exclusive (q);
-  longest (&run->rep.excl, now () - t0);
+  longest (&run->rep.excl, monotonic_seconds () - t0);
   return r;
 }
 
@@ -719,7 +711,7 @@ truncate_tail (struct run *run)
       more = false;
     pthread_mutex_unlock (&q->lock);
     io_unlock_exclusive (q);
-    longest (&run->rep.excl, now () - t0);
+    longest (&run->rep.excl, monotonic_seconds () - t0);
     if (!more || r < 0)
       return r;
   }
@@ -757,7 +749,7 @@ take_frees (struct run *run)
   }
   run->nfrees = k;
   io_unlock_exclusive (q);
-  longest (&run->rep.excl, now () - t0);
+  longest (&run->rep.excl, monotonic_seconds () - t0);
   int r = apply_freeing (q, &f);
   pthread_mutex_unlock (&q->lock);
   return r;
@@ -777,10 +769,10 @@ commit (struct run *run, bool final)
   pthread_mutex_unlock (&q->lock);
   if (final || !flushed) {
     r = sync_links (q);                     /* the bulk of it, before flush_lock */
-    double t0 = now ();
+    double t0 = monotonic_seconds ();
     if (r == 0)
       r = flush_all (q);                    /* switches durable */
-    longest (&run->rep.flush, now () - t0);
+    longest (&run->rep.flush, monotonic_seconds () - t0);
     run->rep.flushes++;
   }
   pthread_mutex_lock (&q->lock);
@@ -792,7 +784,7 @@ commit (struct run *run, bool final)
   if (r == 0)
     r = truncate_tail (run);
   run->rep.commits++;
-  run->last_commit = now ();
+  run->last_commit = monotonic_seconds ();
   return r;
 }
 
@@ -813,17 +805,12 @@ pace (struct run *run)
   double due = run->start + (double) run->paced_bytes / q->cfg.compact_rate;
   pthread_mutex_lock (&q->lock);
   while (!q->bg_stop) {
-    if (q->punch_head)
-      punch_queued (q);
-    double t = now ();
-    if (t >= due)
+    punch_queued (q);
+    if (monotonic_seconds () >= due)
       break;
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    double wake = ts.tv_sec + ts.tv_nsec * 1e-9 + (due - t);
-    ts.tv_sec = (time_t) wake;
-    ts.tv_nsec = (long) ((wake - ts.tv_sec) * 1e9);
-    pthread_cond_timedwait (&q->bg_cond, &q->lock, &ts);
+    struct timespec ts = { .tv_sec = (time_t) due,
+                           .tv_nsec = (long) ((due - (time_t) due) * 1e9) };
+    pthread_cond_clockwait (&q->bg_cond, &q->lock, CLOCK_MONOTONIC, &ts);
   }
   pthread_mutex_unlock (&q->lock);
 }
@@ -834,7 +821,7 @@ compact_run (struct qcow *q, qcow_progress_fn progress, void *opaque,
 {
   int r;
   struct run run = { .q = q, .res = res };
-  run.start = run.last_commit = now ();
+  run.start = run.last_commit = monotonic_seconds ();
   run.paced = qcow_in_background && q->cfg.compact_rate > 0;
   uint64_t bytes = BATCH_BYTES;
   if (run.paced && q->cfg.compact_rate / 16 < bytes)
@@ -873,7 +860,7 @@ compact_run (struct qcow *q, qcow_progress_fn progress, void *opaque,
     r = move_batch (&run, items, &moved);
     if (progress && run.l.n)
       progress ((int) (run.pos * 100 / run.l.n), opaque);
-    if (r == 0 && now () - run.last_commit >= COMMIT_SECONDS)
+    if (r == 0 && monotonic_seconds () - run.last_commit >= COMMIT_SECONDS)
       r = commit (&run, false);
     if (r == 0)
       pace (&run);
@@ -903,7 +890,7 @@ compact_run (struct qcow *q, qcow_progress_fn progress, void *opaque,
   free (items);
   free (marks);
   res->new_size = div_round_up (q->file_size, 512);
-  run.rep.seconds = now () - run.start;
+  run.rep.seconds = monotonic_seconds () - run.start;
   *rep = run.rep;
   if (progress && r == 0)
     progress (100, opaque);

@@ -38,33 +38,38 @@ compressed_extent (struct qcow *q, uint64_t ent, uint64_t *off, uint64_t *len)
   fmt_compressed_extent (q->cluster_bits, ent, off, len);
 }
 
-/* Decompression contexts are reused per thread (creating a zstd context
- * for every cluster costs more than decompressing it). */
+/* Compression and decompression contexts are reused per thread (creating
+ * a zstd context for every cluster costs more than compressing or
+ * decompressing it); each is made on first use. */
 static pthread_key_t ctx_key;
 static pthread_once_t ctx_once = PTHREAD_ONCE_INIT;
-struct dctx {
-  z_stream z;
-  bool z_ready;
-  ZSTD_DCtx *zstd;
+struct codec_ctx {
+  z_stream inflate, deflate;
+  bool inflate_ready, deflate_ready;
+  ZSTD_DCtx *dzstd;
+  ZSTD_CCtx *czstd;
 };
 
 static void
-dctx_free (void *p)
+ctx_free (void *p)
 {
-  struct dctx *c = p;
-  if (c->z_ready)
-    inflateEnd (&c->z);
-  ZSTD_freeDCtx (c->zstd);
+  struct codec_ctx *c = p;
+  if (c->inflate_ready)
+    inflateEnd (&c->inflate);
+  if (c->deflate_ready)
+    deflateEnd (&c->deflate);
+  ZSTD_freeDCtx (c->dzstd);
+  ZSTD_freeCCtx (c->czstd);
   free (c);
 }
 
-static void ctx_key_init (void) { pthread_key_create (&ctx_key, dctx_free); }
+static void ctx_key_init (void) { pthread_key_create (&ctx_key, ctx_free); }
 
-static struct dctx *
-dctx_get (void)
+static struct codec_ctx *
+ctx_get (void)
 {
   pthread_once (&ctx_once, ctx_key_init);
-  struct dctx *c = pthread_getspecific (ctx_key);
+  struct codec_ctx *c = pthread_getspecific (ctx_key);
   if (!c && (c = calloc (1, sizeof *c)) != NULL)
     pthread_setspecific (ctx_key, c);
   return c;
@@ -73,15 +78,15 @@ dctx_get (void)
 static int
 inflate_zlib (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 {
-  struct dctx *c = dctx_get ();
+  struct codec_ctx *c = ctx_get ();
   if (!c)
     return -1;
-  z_stream *zs = &c->z;
-  if (!c->z_ready) {
+  z_stream *zs = &c->inflate;
+  if (!c->inflate_ready) {
     memset (zs, 0, sizeof *zs);
     if (inflateInit2 (zs, -12) != Z_OK)
       return -1;
-    c->z_ready = true;
+    c->inflate_ready = true;
   }
   else if (inflateReset (zs) != Z_OK)
     return -1;
@@ -96,10 +101,10 @@ inflate_zlib (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 static int
 inflate_zstd (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 {
-  struct dctx *c = dctx_get ();
-  if (!c || (!c->zstd && !(c->zstd = ZSTD_createDCtx ())))
+  struct codec_ctx *c = ctx_get ();
+  if (!c || (!c->dzstd && !(c->dzstd = ZSTD_createDCtx ())))
     return -1;
-  ZSTD_DCtx *d = c->zstd;
+  ZSTD_DCtx *d = c->dzstd;
   ZSTD_DCtx_reset (d, ZSTD_reset_session_only);
   ZSTD_inBuffer ib = { in, inlen, 0 };
   ZSTD_outBuffer ob = { out, outlen, 0 };
@@ -153,52 +158,21 @@ compressed_read (struct qcow *q, uint64_t ent, uint8_t *out)
 
 /* ---- compressing and writing ---- */
 
-/* Compression contexts, reused per thread like the decompression ones. */
-static pthread_key_t cctx_key;
-static pthread_once_t cctx_once = PTHREAD_ONCE_INIT;
-struct cctx {
-  z_stream z;
-  bool z_ready;
-  ZSTD_CCtx *zstd;
-};
-
-static void
-cctx_free (void *p)
-{
-  struct cctx *c = p;
-  if (c->z_ready)
-    deflateEnd (&c->z);
-  ZSTD_freeCCtx (c->zstd);
-  free (c);
-}
-
-static void cctx_key_init (void) { pthread_key_create (&cctx_key, cctx_free); }
-
-static struct cctx *
-cctx_get (void)
-{
-  pthread_once (&cctx_once, cctx_key_init);
-  struct cctx *c = pthread_getspecific (cctx_key);
-  if (!c && (c = calloc (1, sizeof *c)) != NULL)
-    pthread_setspecific (cctx_key, c);
-  return c;
-}
-
 /* Deflate IN into at most OUTLEN bytes: the length, 0 if it does not fit,
  * -1 on error. */
 static int64_t
 deflate_zlib (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 {
-  struct cctx *c = cctx_get ();
+  struct codec_ctx *c = ctx_get ();
   if (!c)
     return -1;
-  z_stream *zs = &c->z;
-  if (!c->z_ready) {
+  z_stream *zs = &c->deflate;
+  if (!c->deflate_ready) {
     memset (zs, 0, sizeof *zs);
     if (deflateInit2 (zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
                       Z_DEFAULT_STRATEGY) != Z_OK)
       return -1;
-    c->z_ready = true;
+    c->deflate_ready = true;
   }
   else if (deflateReset (zs) != Z_OK)
     return -1;
@@ -215,13 +189,13 @@ deflate_zlib (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 static int64_t
 deflate_zstd (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 {
-  struct cctx *c = cctx_get ();
-  if (!c || (!c->zstd && !(c->zstd = ZSTD_createCCtx ())))
+  struct codec_ctx *c = ctx_get ();
+  if (!c || (!c->czstd && !(c->czstd = ZSTD_createCCtx ())))
     return -1;
-  ZSTD_CCtx_reset (c->zstd, ZSTD_reset_session_only);
+  ZSTD_CCtx_reset (c->czstd, ZSTD_reset_session_only);
   ZSTD_inBuffer ib = { in, inlen, 0 };
   ZSTD_outBuffer ob = { out, outlen, 0 };
-  size_t r = ZSTD_compressStream2 (c->zstd, &ob, &ib, ZSTD_e_end);
+  size_t r = ZSTD_compressStream2 (c->czstd, &ob, &ib, ZSTD_e_end);
   if (ZSTD_isError (r))
     return ZSTD_getErrorCode (r) == ZSTD_error_dstSize_tooSmall ? 0 : -1;
   return r == 0 ? (int64_t) ob.pos : 0;     /* r > 0: more to flush */
@@ -230,11 +204,11 @@ deflate_zstd (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 int64_t
 qcow_compress (struct qcow *q, const void *in, void *out)
 {
-  int64_t n = q->h.compression_type == 1
+  int64_t n = q->h.compression_type == COMPRESSION_ZSTD
     ? deflate_zstd (in, q->cluster_size, out, q->cluster_size - 1)
     : deflate_zlib (in, q->cluster_size, out, q->cluster_size - 1);
   if (n < 0) {
-    ERR (q, "%s compression failed", q->h.compression_type == 1 ? "zstd" : "zlib");
+    ERR (q, "%s compression failed", q->h.compression_type == COMPRESSION_ZSTD ? "zstd" : "zlib");
     return -EIO;
   }
   return n;
@@ -325,9 +299,8 @@ qcow_write_compressed_data (struct qcow *q, uint64_t gc, const void *data, size_
   r = io_pwrite (q, data, len, off);
   pthread_mutex_lock (&q->lock);
   if (r == 0) {
-    unsigned x = 62 - (q->cluster_bits - 8);
-    uint64_t nsect = ((off + len - 1) >> 9) - (off >> 9);
-    r = l2_set_with_bitmap (q, gc, ENTRY_COMPRESSED | off | (nsect << x), 0);
+    r = l2_set_with_bitmap (q, gc, ENTRY_COMPRESSED |
+                            fmt_compressed_desc (q->cluster_bits, off, len), 0);
   }
   if (r == 0) {
     /* The old contents go once the new link is durable. */

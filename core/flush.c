@@ -207,14 +207,6 @@ qcow_flush (struct qcow *q)
   return flush_all (q);
 }
 
-static double
-monotonic_seconds (void)
-{
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* The background thread: punches the holes of flushed frees, and, once
  * compact_after_unmaps bytes were freed (or are waiting to be), compacts.
  * On stop it punches what is queued before it ends. */

@@ -174,6 +174,14 @@ fmt_compressed_extent (unsigned cluster_bits, uint64_t ent,
 }
 
 uint64_t
+fmt_compressed_desc (unsigned cluster_bits, uint64_t off, uint64_t len)
+{
+  unsigned x = 62 - (cluster_bits - 8);
+  uint64_t nsect = ((off + len - 1) >> 9) - (off >> 9);  /* additional sectors */
+  return off | nsect << x;
+}
+
+uint64_t
 fmt_refcount_get (unsigned order, const uint8_t *d, uint64_t i)
 {
   switch (order) {

@@ -137,6 +137,9 @@ int fmt_bitmap_entry_decode (const uint8_t *d, uint64_t avail,
  * it may run past the end of the file for the last one). */
 void fmt_compressed_extent (unsigned cluster_bits, uint64_t ent,
                             uint64_t *off, uint64_t *len);
+/* The descriptor (without ENTRY_COMPRESSED) of LEN bytes of compressed
+ * data at OFF: the inverse of fmt_compressed_extent. */
+uint64_t fmt_compressed_desc (unsigned cluster_bits, uint64_t off, uint64_t len);
 
 /* ---- refcount blocks: entries of 2^ORDER bits ---- */
 uint64_t fmt_refcount_get (unsigned order, const uint8_t *block, uint64_t i);

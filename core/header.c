@@ -291,7 +291,7 @@ header_build (uint8_t *buf, size_t bufsize, const struct qcow_create_opts *o,
     h.compatible_features = o->lazy_refcounts ? QCOW_COMPAT_LAZY_REFCOUNTS : 0;
     h.refcount_order = o->refcount_order;
     h.header_length = QCOW_V3_HEADER_LEN;
-    if (o->compression_type == 1) {       /* zstd */
+    if (o->compression_type == COMPRESSION_ZSTD) {
       h.incompatible_features = QCOW_INCOMPAT_COMPRESSION;
       h.compression_type = 1;
     }

@@ -14,6 +14,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <inttypes.h>
+#include <time.h>
 
 #include "qcow.h"
 #include "format.h"
@@ -22,6 +23,15 @@
 #define DEFER_DATA_FILE   (1ULL << 63)  /* deferred: punch in the data file */
 
 static inline uint64_t div_round_up (uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+
+/* Seconds on the monotonic clock (timings and deadlines). */
+static inline double
+monotonic_seconds (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 /* Store a table word whole (lock-free readers: cache.c). */
 static inline void
@@ -64,8 +74,7 @@ struct cache {
 
 /* ---- counters updated on every request: per thread shards (no cache
  * line shared between CPUs), summed by qcow_get_stats ---- */
-enum stat_counter { STAT_READS, STAT_WRITES, STAT_L2_HITS, STAT_L2_MISSES,
-                    STAT_NR };
+enum stat_counter { STAT_READS, STAT_WRITES, STAT_NR };
 #define STAT_SHARDS 64           /* nbdkit runs 16 threads a connection */
 struct stat_shard {
   uint64_t v[STAT_NR];
@@ -327,10 +336,9 @@ size_t header_build (uint8_t *buf, size_t bufsize, const struct qcow_create_opts
 
 /* ---- cache.c ---- */
 #define QCOW_DEFAULT_L2_CACHE (32u << 20)   /* QEMU's default maximum */
-void cache_init (struct cache *c, const char *what, size_t max, size_t esize,
-                 int (*writeback) (struct qcow *q));
 int caches_setup (struct qcow *q, int (*writeback) (struct qcow *q));
-/* L2 cache slots for an L1 table of N entries. */
+/* L2 cache slots for an L1 table of N entries; also the key of table
+ * N's first slice (l2_slots (q, 1): slices per table). */
 static inline uint64_t l2_slots (struct qcow *q, uint64_t n)
 { return n << (q->l2_bits - q->sl_bits); }
 int cache_resize_slots (struct cache *c, uint64_t nslots);
@@ -450,8 +458,6 @@ int backing_map (struct qcow *q, uint64_t offset, uint64_t count, uint64_t *len,
                  unsigned *flags);
 
 /* ---- snapshot.c ---- */
-size_t snapshot_entry_decode (const uint8_t *p, uint64_t avail, struct snapshot *s,
-                              const char **why);
 void snapshot_clear (struct snapshot *s);
 /* S as a table entry into E (NULL: only the length), PAD more bytes of
  * extra data; *EXACT (if not NULL) gets the unpadded length. */

@@ -78,34 +78,37 @@ readers (struct qcow *q)
   return n;
 }
 
+/* Wait on io_lock's condition (its mutex held), until DEADLINE
+ * (CLOCK_MONOTONIC) if there is one: 0, or ETIMEDOUT. */
+static int
+io_lock_wait (struct qcow *q, const struct timespec *deadline)
+{
+  if (!deadline)
+    return pthread_cond_wait (&q->io_lock.cond, &q->io_lock.m);
+  return pthread_cond_clockwait (&q->io_lock.cond, &q->io_lock.m,
+                                 CLOCK_MONOTONIC, deadline);
+}
+
 void
 io_lock_exclusive (struct qcow *q)
 {
-  pthread_mutex_lock (&q->io_lock.m);
-  while (__atomic_load_n (&q->io_lock.writer, __ATOMIC_SEQ_CST))
-    pthread_cond_wait (&q->io_lock.cond, &q->io_lock.m);
-  __atomic_store_n (&q->io_lock.writer, true, __ATOMIC_SEQ_CST);
-  while (readers (q) != 0)
-    pthread_cond_wait (&q->io_lock.cond, &q->io_lock.m);
-  pthread_mutex_unlock (&q->io_lock.m);
+  io_lock_exclusive_until (q, NULL);
 }
 
-/* The same, giving up at DEADLINE (CLOCK_MONOTONIC): then the requests
- * held back meanwhile go on, and -ETIMEDOUT is returned (compaction's
- * bounded drains). */
+/* The same, giving up at DEADLINE (CLOCK_MONOTONIC; NULL: never): then
+ * the requests held back meanwhile go on, and -ETIMEDOUT is returned
+ * (compaction's bounded drains). */
 int
 io_lock_exclusive_until (struct qcow *q, const struct timespec *deadline)
 {
   int e = 0;
   pthread_mutex_lock (&q->io_lock.m);
   while (e == 0 && __atomic_load_n (&q->io_lock.writer, __ATOMIC_SEQ_CST))
-    e = pthread_cond_clockwait (&q->io_lock.cond, &q->io_lock.m,
-                                CLOCK_MONOTONIC, deadline);
+    e = io_lock_wait (q, deadline);
   if (e == 0) {
     __atomic_store_n (&q->io_lock.writer, true, __ATOMIC_SEQ_CST);
     while (e == 0 && readers (q) != 0)
-      e = pthread_cond_clockwait (&q->io_lock.cond, &q->io_lock.m,
-                                  CLOCK_MONOTONIC, deadline);
+      e = io_lock_wait (q, deadline);
     if (e != 0 && readers (q) == 0)
       e = 0;                    /* drained just in time */
     if (e != 0) {

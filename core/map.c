@@ -59,7 +59,7 @@ scan_slice (struct qcow *q, struct map_scan *st, uint64_t gc, const uint8_t **da
     st->idx = idx;
     st->have = true;
   }
-  uint64_t s = (key & ((1ULL << (q->l2_bits - q->sl_bits)) - 1)) * q->l2_cache.esize;
+  uint64_t s = (key & (l2_slots (q, 1) - 1)) * q->l2_cache.esize;
   *data = st->buf + s;
   *at = (q->l1[idx] & L1_OFFSET_MASK) + s;
   return 0;
@@ -292,7 +292,7 @@ layer_cluster (struct qcow *q, const struct cmap *m, uint64_t in,
   *host = 0;
   *flags = 0;
   switch (m->kind) {
-  case C_UNALLOC: *flags = 0; return;
+  case C_UNALLOC: return;
   case C_ZERO: *flags = QCOW_LAYER_ZERO; return;
   case C_ZERO_ALLOC: *flags = QCOW_LAYER_ZERO | QCOW_LAYER_OFFSET; break;
   case C_DATA: *flags = QCOW_LAYER_DATA | QCOW_LAYER_OFFSET; break;

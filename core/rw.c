@@ -77,8 +77,6 @@ stats_sum (struct qcow *q, struct qcow_stats *st)
       v[k] += __atomic_load_n (&q->shard[i].v[k], __ATOMIC_RELAXED);
   st->reads += v[STAT_READS];
   st->writes += v[STAT_WRITES];
-  st->l2_cache_hits += v[STAT_L2_HITS];
-  st->l2_cache_misses += v[STAT_L2_MISSES];
 }
 
 /* ---- read ---- */
@@ -337,8 +335,7 @@ write_fast (struct qcow *q, const uint8_t **p, uint64_t *offset, size_t *count)
       return 0;
     while (len < *count &&
            l2_fast_lookup (q, gc + div_round_up (in + len, cs), &m2) &&
-           m2.kind == C_DATA && m2.copied &&
-           m2.host == m.host + ((in + len) & ~(cs - 1)))
+           m2.copied && continues (q, &m, &m2, in + len))
       len += cs < *count - len ? cs : *count - len;
     int r = io_data_pwrite (q, *p, len, m.host + in);
     if (r < 0)
@@ -366,8 +363,7 @@ qcow_write (struct qcow *q, const void *buf, size_t count, uint64_t offset,
     goto out;
   pthread_mutex_lock (&q->lock);
   r = begin_modify (q);
-  if (count > 0)
-    note_write (q, offset >> q->cluster_bits, (offset + count - 1) >> q->cluster_bits);
+  note_write (q, offset >> q->cluster_bits, (offset + count - 1) >> q->cluster_bits);
   while (r == 0 && count > 0) {
     uint64_t gc = offset >> q->cluster_bits, in = offset & (cs - 1);
     uint64_t len = cs - in < count ? cs - in : count;

@@ -111,7 +111,7 @@ txn_copy_list (struct qcow *q, struct txn *t, int skip, uint32_t extra)
   return 0;
 }
 
-/* N more references to clusters [C, C+N).  WHAT names them. */
+/* TIMES more references to clusters [C, C+N). */
 static int
 count (struct qcow *q, struct txn *t, uint64_t c, uint64_t n, uint32_t times)
 {
@@ -368,7 +368,8 @@ txn_commit (struct qcow *q, struct txn *t)
   if ((r = count (q, t, 0, 1, 1)) < 0)             /* the header */
     goto out;
 
-  /* 2. Data: once per L1 entry reaching it, through every L1 table. */
+  /* 2. Data: once per L1 entry reaching it, through every L1 table;
+   * the snapshots' L2 tables once per L1 entry. */
   char whose[300];
   for (uint32_t i = 0; i < t->nsnap; i++) {
     const struct snapshot *s = &t->snap[i];
@@ -380,8 +381,12 @@ txn_commit (struct qcow *q, struct txn *t)
     }
     snprintf (whose, sizeof whose, "snapshot %s", s->id);
     r = io_pread (q, sl1, n, s->l1_offset);
-    for (uint32_t j = 0; r == 0 && j < s->l1_size; j++)
+    for (uint32_t j = 0; r == 0 && j < s->l1_size; j++) {
+      uint64_t off = be64toh (sl1[j]) & L1_OFFSET_MASK;
       r = add_ref (q, t, be64toh (sl1[j]), whose, j);
+      if (r == 0 && off)        /* the snapshot's L2 table, as it is */
+        r = count (q, t, off >> q->cluster_bits, 1, 1);
+    }
     free (sl1);
     if (r == 0 && s->l1_size)
       r = count (q, t, s->l1_offset >> q->cluster_bits,
@@ -395,28 +400,8 @@ txn_commit (struct qcow *q, struct txn *t)
   if ((r = count_data (q, t, buf)) < 0)
     goto out;
 
-  /* 3. L2 tables: the snapshots' as they are; the active layer keeps a
-   * table whose COPIED flags are right, else gets a copy. */
-  for (size_t i = 0; i < t->nrefs; i++)
-    t->refs[i].n = 0;           /* reused: references from snapshots */
-  for (uint32_t i = 0; i < t->nsnap; i++) {
-    const struct snapshot *s = &t->snap[i];
-    uint64_t n = (uint64_t) s->l1_size * 8;
-    uint64_t *sl1 = malloc (n ? n : 8);
-    if (!sl1 || (r = io_pread (q, sl1, n, s->l1_offset)) < 0) {
-      free (sl1);
-      r = r < 0 ? r : -ENOMEM;
-      goto out;
-    }
-    for (uint32_t j = 0; r == 0 && j < s->l1_size; j++) {
-      uint64_t off = be64toh (sl1[j]) & L1_OFFSET_MASK;
-      if (off)
-        r = count (q, t, off >> q->cluster_bits, 1, 1);
-    }
-    free (sl1);
-    if (r < 0)
-      goto out;
-  }
+  /* 3. L2 tables (the snapshots' were counted in step 2): the active
+   * layer keeps a table whose COPIED flags are right, else gets a copy. */
   for (uint32_t j = 0; j < t->l1_size; j++) {
     uint64_t off = t->l1[j] & L1_OFFSET_MASK;
     if (!off)

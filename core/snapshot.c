@@ -26,7 +26,7 @@ snapshot_clear (struct snapshot *s)
 /* Decode the entry at P, AVAIL bytes of the table being left from P.
  * Returns its length padded to 8 (the next entry starts there), or 0
  * with *WHY saying what is wrong with it. */
-size_t
+static size_t
 snapshot_entry_decode (const uint8_t *p, uint64_t avail, struct snapshot *s,
                        const char **why)
 {

@@ -223,12 +223,13 @@ next_discard (void *opaque, uint64_t offset, uint64_t count)
 }
 
 /* Where the plugin's data reads as zeros to its end: the image's new
- * clusters there need no zeros written (qcow_backend_ops.zero_tail). */
+ * clusters there need no zeros written (qcow_backend_ops.zero_tail; only
+ * for a plugin with extents). */
 static int
 next_zero_tail (void *opaque, uint64_t *start)
 {
   uint64_t off = 0, data_end = 0;
-  while (plugin_can_extents && off < plugin_size) {
+  while (off < plugin_size) {
     uint32_t n = plugin_size - off > (1u << 30) ? 1u << 30 : plugin_size - off;
     int err = 0;
     lock_plugin ();
@@ -244,7 +245,7 @@ next_zero_tail (void *opaque, uint64_t *start)
     nbdkit_extents_free (x);
     off += n;
   }
-  *start = plugin_can_extents ? data_end : plugin_size;
+  *start = data_end;
   return 0;
 }
 
@@ -328,7 +329,8 @@ open_image (bool first)
     ops.flush = next_flush;
     if (plugin_can_trim || plugin_can_fast_zero)
       ops.discard = next_discard;
-    ops.zero_tail = next_zero_tail;
+    if (plugin_can_extents)
+      ops.zero_tail = next_zero_tail;
   }
   if (qcow_backend_new (&ops, NULL, name (), &b) < 0)
     return -1;

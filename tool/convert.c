@@ -62,9 +62,8 @@ source_open (struct source *s, const char *file, const char *fmt,
     qcow2 = pread (s->fd, magic, 4, 0) == 4 && memcmp (magic, QCOW_MAGIC, 4) == 0;
   }
   if (!qcow2) {
-    struct stat st;
     off_t end = lseek (s->fd, 0, SEEK_END);
-    if (fstat (s->fd, &st) == -1 || end < 0) {
+    if (end < 0) {
       fail ("%s: %s", file, strerror (errno));
       return -1;
     }
@@ -77,11 +76,7 @@ source_open (struct source *s, const char *file, const char *fmt,
   }
   close (s->fd);
   s->fd = -1;
-  struct qcow_config cfg;
-  qcow_config_default (&cfg);
-  cfg.read_only = true;
-  cfg.snapshot = snapshot;
-  if (qcow_connect (file, &cfg, &s->q) < 0)
+  if (!(s->q = open_image (file, false, false, snapshot)))
     return -1;
   struct qcow_info info;
   qcow_get_info (s->q, &info);
@@ -165,13 +160,20 @@ struct convert {
   struct progress pr;
 };
 
+/* The pipeline's chunk: CHUNK, or a cluster of the output if larger. */
+static uint64_t
+chunk_of (const struct convert *c)
+{
+  return CHUNK > c->unit ? CHUNK : c->unit;
+}
+
 /* The next job: up to a chunk, ending on a chunk boundary, starting at a
  * unit; whole units the source maps as zeros are skipped unread. */
 static int
 next_job (void *opaque, struct job *j)
 {
   struct convert *c = opaque;
-  uint64_t chunk = CHUNK > c->unit ? CHUNK : c->unit;
+  uint64_t chunk = chunk_of (c);
   while (c->pos < c->size) {
     uint64_t l;
     bool zero;
@@ -291,7 +293,7 @@ done (void *opaque, struct job *j)
 static int
 run (struct convert *c, bool progress)
 {
-  uint64_t chunk = CHUNK > c->unit ? CHUNK : c->unit;
+  uint64_t chunk = chunk_of (c);
   progress_start (&c->pr, progress, c->size);
   int r = pipeline_run (c, chunk, c->unit, c->compress, next_job, work, done);
   if (r == 0)
@@ -363,7 +365,7 @@ parse_create_options (char *s, struct qcow_create_opts *o, bool *lazy_given,
 int
 cmd_convert (int argc, char **argv)
 {
-  enum { OPT_COMPRESSION = 256, OPT_PROGRESS };
+  enum { OPT_COMPRESSION = 256 };
   static const struct option opts[] = {
     { "compression", required_argument, NULL, OPT_COMPRESSION },
     { "progress", no_argument, NULL, 'p' },

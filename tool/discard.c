@@ -94,8 +94,11 @@ cmd_discard (int argc, char **argv)
     uint64_t gc = off / cs;
     for (; r == 0 && gc * cs < off + len; gc++) {
       uint64_t n = info.size - gc * cs < cs ? info.size - gc * cs : cs;
-      bool stored, zero;
-      if ((r = cluster_state (q, gc * cs, n, &stored, &zero)) < 0)
+      bool stored = true, zero = (f & QCOW_LAYER_ZERO) != 0;
+      /* A cluster wholly in the run maps as the run does; one across
+       * its edges is looked at piece by piece. */
+      if ((gc * cs < off || gc * cs + n > off + len) &&
+          (r = cluster_state (q, gc * cs, n, &stored, &zero)) < 0)
         break;
       if (!stored)
         continue;

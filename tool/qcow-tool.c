@@ -22,8 +22,6 @@
 #include "qcow.h"
 #include "tool.h"
 
-#define PROG "qcow-tool"
-
 /* ---- messages ---- */
 
 void __attribute__ ((format (printf, 1, 2)))
@@ -502,13 +500,8 @@ cmd_info (int argc, char **argv)
     return usage_error ("info", "expected FILE");
 
   struct image_facts f = { .file = argv[optind] };
-  struct qcow_config cfg;
-  struct qcow *q;
-
-  qcow_config_default (&cfg);
-  cfg.read_only = true;
-  cfg.locking = !force_share;
-  if (qcow_connect (f.file, &cfg, &q) < 0)
+  struct qcow *q = open_image (f.file, false, force_share, NULL);
+  if (!q)
     return 1;
   qcow_get_header (q, &f.h);
   gather_open_facts (q, &f);
@@ -525,11 +518,7 @@ cmd_info (int argc, char **argv)
   else
     print_info_text (&f);
   free_facts (&f);
-  if (fflush (stdout) == EOF || ferror (stdout)) {
-    fail ("standard output: %s", strerror (errno));
-    return 1;
-  }
-  return 0;
+  return flush_stdout ();
 }
 
 /* ---- create ---- */
