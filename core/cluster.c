@@ -50,10 +50,13 @@ table_offset (struct qcow *q, uint64_t idx, uint64_t *off)
 }
 
 int
-l2_read_table (struct qcow *q, uint64_t idx, uint8_t *buf)
+l2_read_slices (struct qcow *q, uint64_t idx, uint64_t first, uint64_t n,
+                uint8_t *buf)
 {
   uint64_t off;
   struct centry *e;
+  const size_t es = q->l2_cache.esize;
+  assert (first + n <= l2_slots (q, 1));
   if (l2_slots (q, 1) == 1 && idx < q->h.l1_size &&
       (e = cache_peek (&q->l2_cache, l2_slots (q, idx)))) {
     memcpy (buf, e->data, q->cluster_size);   /* maybe not written yet */
@@ -63,16 +66,21 @@ l2_read_table (struct qcow *q, uint64_t idx, uint8_t *buf)
   if (r < 0)
     return r;
   if (!off)
-    memset (buf, 0, q->cluster_size);
-  else if ((r = io_pread (q, buf, q->cluster_size, off)) < 0)
+    memset (buf + first * es, 0, n * es);
+  else if ((r = io_pread (q, buf + first * es, n * es, off + first * es)) < 0)
     return r;
-  const size_t es = q->l2_cache.esize;
-  for (uint64_t s = 0; s < l2_slots (q, 1); s++) {
+  for (uint64_t s = first; s < first + n; s++) {
     struct centry *e = cache_peek (&q->l2_cache, l2_slots (q, idx) + s);
     if (e)
       memcpy (buf + s * es, e->data, es);
   }
   return 0;
+}
+
+int
+l2_read_table (struct qcow *q, uint64_t idx, uint8_t *buf)
+{
+  return l2_read_slices (q, idx, 0, l2_slots (q, 1), buf);
 }
 
 /* Table IDX as it is now (with CLEAR_COPIED, no entry claiming COPIED)

@@ -252,7 +252,13 @@ struct qcow {
   bool dirty_bit_set;      /* we set the header's dirty bit */
   bool data_unsynced;      /* data written since the last fdatasync */
   uint8_t *zero_cluster;   /* cluster_size zero bytes */
-  uint8_t *map_buf;        /* an L2 table read by map.c (q->lock) */
+  struct map_scan {        /* L2 slices read by map.c (q->lock) */
+    uint64_t idx, at;      /* table IDX, at AT in the file: */
+    uint64_t lo, hi;       /* its slices LO..HI-1 are in BUF */
+    uint8_t *buf;          /* a cluster */
+  } map;
+  bool map_keep;           /* read-only from the start: MAP stays valid
+                              from one call to the next */
 
   struct qcow_stats stats;  /* except what the shards count */
   struct stat_shard shard[STAT_SHARDS];
@@ -410,6 +416,10 @@ static inline uint64_t l2_slice_index (struct qcow *q, uint64_t gc)
 /* The whole L2 table IDX as it is now (the file, with the cached slices
  * over it) into BUF (one cluster); zeros if not allocated. */
 int l2_read_table (struct qcow *q, uint64_t idx, uint8_t *buf);
+/* Slices FIRST..FIRST+N-1 of table IDX, as they are now, at their place
+ * in the table-sized BUF. */
+int l2_read_slices (struct qcow *q, uint64_t idx, uint64_t first, uint64_t n,
+                    uint8_t *buf);
 /* Write table IDX whole at host offset TO and make the cache point there
  * (the caller then points L1 at it). */
 int l2_move_table (struct qcow *q, uint64_t idx, uint64_t to);

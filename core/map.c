@@ -23,24 +23,26 @@ kind_flags (enum ckind k)
   }
 }
 
-/* When the cache holds slices, a scan reads each L2 table it needs whole
- * (one read rather than one per slice), and looks at the slices the
- * cache does not hold in that copy, without caching them: a map of a
- * large image would only push out what the I/O path uses. */
-struct map_scan {
-  uint64_t idx;
-  bool have;
-  uint8_t *buf;            /* table IDX as read, if HAVE (q->map_buf) */
-};
+/* When the cache holds slices, a scan reads the slices it needs and the
+ * cache does not hold into q->map, without caching them: a map of a large
+ * image would only push out what the I/O path uses.  A client maps a
+ * disk in requests that each end at the next data (see shim.c), so the
+ * next request starts in the table the last one stopped in.  An image
+ * read-only from the start keeps what it read between calls (as the
+ * cache would) and reads the rest of a table at once: each table is read
+ * once.  Otherwise a call starts afresh; going on in a table it reads
+ * ahead as many slices as it has read of it, else one, so a request
+ * reads little past the data it stops at. */
 
 /* The L2 slice of guest cluster GC, for a scan: its entries at *DATA,
  * which lie at *AT in the file. */
 static int
-scan_slice (struct qcow *q, struct map_scan *st, uint64_t gc, const uint8_t **data,
-            uint64_t *at)
+scan_slice (struct qcow *q, uint64_t gc, const uint8_t **data, uint64_t *at)
 {
   uint64_t idx = gc >> q->l2_bits, key = gc >> q->sl_bits;
+  uint64_t s = key & (l2_slots (q, 1) - 1), toff = q->l1[idx] & L1_OFFSET_MASK;
   struct centry *e = cache_peek (&q->l2_cache, key);
+  struct map_scan *st = &q->map;
   int r;
   if (q->sl_bits == q->l2_bits || e) {
     if ((r = l2_get_slice (q, gc, false, &e)) < 0)
@@ -49,19 +51,25 @@ scan_slice (struct qcow *q, struct map_scan *st, uint64_t gc, const uint8_t **da
     *at = e->offset;
     return 0;
   }
-  if (!st->buf && !(st->buf = q->map_buf) &&
-      !(st->buf = q->map_buf = malloc (q->cluster_size)))
+  if (!st->buf && !(st->buf = malloc (q->cluster_size)))
     return -ENOMEM;
-  if (!st->have || st->idx != idx) {
-    st->have = false;
-    if ((r = l2_read_table (q, idx, st->buf)) < 0)
+  if (st->idx != idx || st->at != toff || s < st->lo || s >= st->hi) {
+    bool on = st->idx == idx && st->at == toff && s == st->hi;
+    uint64_t n = q->map_keep ? l2_slots (q, 1) - s : on ? st->hi - st->lo : 1;
+    if (!on)
+      st->lo = s;
+    if (n > l2_slots (q, 1) - s)
+      n = l2_slots (q, 1) - s;
+    st->idx = UINT64_MAX;
+    if ((r = l2_read_slices (q, idx, s, n, st->buf)) < 0)
       return r;
     st->idx = idx;
-    st->have = true;
+    st->at = toff;
+    st->hi = s + n;
   }
-  uint64_t s = (key & (l2_slots (q, 1) - 1)) * q->l2_cache.esize;
-  *data = st->buf + s;
-  *at = (q->l1[idx] & L1_OFFSET_MASK) + s;
+  const uint64_t b = s * q->l2_cache.esize;
+  *data = st->buf + b;
+  *at = toff + b;
   return 0;
 }
 
@@ -129,7 +137,7 @@ scan_entries (struct qcow *q, const uint8_t *d, uint64_t at, uint64_t gc,
 
 /* The run at OFFSET (at most COUNT bytes) that maps alike. */
 static int
-map_locked (struct qcow *q, struct map_scan *st, uint64_t offset, uint64_t count,
+map_locked (struct qcow *q, uint64_t offset, uint64_t count,
             uint64_t *lenp, unsigned *flagsp)
 {
   const uint64_t cs = q->cluster_size;
@@ -150,7 +158,7 @@ map_locked (struct qcow *q, struct map_scan *st, uint64_t offset, uint64_t count
       step = ((idx + 1) << (q->l2_bits + q->cluster_bits)) - off;
     }
     else if (!q->extl2 && !q->backing_path) {
-      if ((r = scan_slice (q, st, gc, &d, &at)) < 0 ||
+      if ((r = scan_slice (q, gc, &d, &at)) < 0 ||
           (r = scan_entries (q, d, at, gc, off, count - len, &step, &f)) < 0)
         return r;
     }
@@ -187,12 +195,13 @@ qcow_map_all (struct qcow *q, uint64_t offset, uint64_t count,
   int r = check_range (q, count, offset);
   if (r < 0)
     return r;
-  struct map_scan st = { .have = false };
   pthread_mutex_lock (&q->lock);
+  if (!q->map_keep)
+    q->map.idx = UINT64_MAX;
   while (count > 0) {
     uint64_t len;
     unsigned flags;
-    if ((r = map_locked (q, &st, offset, count, &len, &flags)) < 0 ||
+    if ((r = map_locked (q, offset, count, &len, &flags)) < 0 ||
         (r = fn (offset, len, flags, opaque)) != 0)
       break;
     offset += len;

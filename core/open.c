@@ -39,7 +39,7 @@ qcow_free (struct qcow *q)
   free (q->rct);
   free (q->pending_free);
   free (q->zero_cluster);
-  free (q->map_buf);
+  free (q->map.buf);
   free (q);
 }
 
@@ -140,6 +140,8 @@ connect_chain (struct qcow_backend *b, const struct qcow_config *cfg,
   else
     qcow_config_default (&q->cfg);
   q->read_only = q->cfg.read_only || b->read_only;
+  q->map_keep = q->read_only;
+  q->map.idx = UINT64_MAX;
   q->fixed_size = b->ops.truncate == NULL;
 
   /* Read-only locks until the first change (or qcow_lock_write): taken
