@@ -63,6 +63,7 @@ PLUGIN  := $(O)/qcow.so
 FILTER  := $(O)/qcow-filter.so
 TOOL    := $(O)/qcow-tool
 FLOOR   := $(O)/bench-floor.so
+POWERLOSS := $(O)/tests/powerloss-filter.so
 MAN     := nbdkit-qcow-plugin.1
 FILTER_MAN := nbdkit-qcow-filter.1
 TOOLMAN := qcow-tool.1
@@ -142,7 +143,13 @@ $(O)/tests/%: tests/%.c $(O)/libqcowcore.a core/qcow.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $< $(O)/libqcowcore.a $(LIBS)
 
-unit: $(UNIT_BINS)
+# tests/powerloss-filter.c: an nbdkit filter logging writes for the
+# power-loss tests (QCOW_VIA=powerloss in tests/functions.sh).
+$(POWERLOSS): tests/powerloss-filter.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter -shared $(LDFLAGS_SAN) $(LDFLAGS) -o $@ $<
+
+unit: $(UNIT_BINS) $(POWERLOSS)
 
 nbdkit-qcow-%.1: nbdkit-qcow-%.pod
 	pod2man --section=1 --center="nbdkit" --release="nbdkit-qcow-plugin" \
@@ -252,7 +259,7 @@ deb: deb-deps
 	if command -v lintian >/dev/null; then lintian --fail-on error $(DEB_DIR)/*.changes; fi
 
 clean:
-	rm -rf obj build-san build-fuzz tests/unit-*.o qcow.so bench-floor.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
+	rm -rf obj build-san build-fuzz tests/unit-*.o tests/powerloss-filter.so qcow.so bench-floor.so qcow-tool libqcowcore.a $(MAN) tests/unit-test-bins
 	rm -rf qcow-filter.so $(FILTER_MAN)
 	rm -rf lib examples/qcow-example $(TOOLMAN) $(DEB_DIR)
 	rm -rf ./tests/bin

@@ -273,6 +273,9 @@ raw_of ()
 # arguments that serve the qcow2 image FILE with these plugin parameters:
 #   "$QCOW_SO" file=FILE PARAM=VALUE...                     (default)
 #   --filter="$QCOW_FILTER" file FILE qcow-PARAM=VALUE...   (QCOW_VIA=filter)
+#   the same with tests/powerloss-filter.so under the qcow filter, logging
+#     in FILE.log what a power cut could lose (QCOW_VIA=powerloss): after
+#     kill -9, power_cut FILE makes FILE what a disk could hold after one
 # The file plugin's storage cannot grow: with QCOW_VIA=filter, a create=
 # with size=SIZE first makes FILE a sparse file of 2 * SIZE + 16 MiB if it
 # does not exist, for the image to live in.  Example:
@@ -286,8 +289,12 @@ serve_args ()
         SERVE=("$QCOW_SO" file="$file" "$@")
         return 0
     fi
-    [ "$QCOW_VIA" = filter ] || die "QCOW_VIA=$QCOW_VIA: want plugin or filter"
-    SERVE=(--filter="$QCOW_FILTER" file "$file")
+    case "$QCOW_VIA" in
+    filter) SERVE=(--filter="$QCOW_FILTER" file "$file") ;;
+    powerloss) SERVE=(--filter="$QCOW_FILTER" --filter="$QCOW_BUILD/tests/powerloss-filter.so"
+                      file "$file" powerloss-log="$file.log") ;;
+    *) die "QCOW_VIA=$QCOW_VIA: want plugin, filter or powerloss" ;;
+    esac
     for p in "$@"; do
         case "$p" in
         create=*) create=${p#create=} ;;
@@ -401,6 +408,17 @@ import sys
 with open(sys.argv[1], "r+b") as f:
     f.seek(int(sys.argv[2]))
     f.write(int(sys.argv[4], 0).to_bytes(int(sys.argv[3]), "big"))' "$@"
+}
+
+# power_cut FILE SEED: after kill -9 of a server started with
+# QCOW_VIA=powerloss, make FILE what a disk could hold after a power cut
+# at that moment (tests/powerloss-apply.py); a no-op for other QCOW_VIA.
+power_cut ()
+{
+    [ "$QCOW_VIA" = powerloss ] || return 0
+    /usr/bin/python3 "$TESTS_DIR/powerloss-apply.py" "$1" "$1.log" --seed "$2" ||
+        die "powerloss-apply.py $1 failed"
+    rm -f "$1.log"
 }
 
 # sha256_of FILE: the file's SHA-256 (just the hash).

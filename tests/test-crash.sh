@@ -25,6 +25,9 @@
 #   QCOW_VIA=filter           through the filter over nbdkit's file plugin,
 #                             the image inside a fixed-size file
 #                             (tests/test-filter-crash.sh; functions.sh)
+#   QCOW_VIA=powerloss        the same, and the kill is a power cut: every
+#                             write since the last flush may be lost, in
+#                             part or whole (tests/test-powerloss.sh)
 
 . "$(dirname "$0")/functions.sh"
 requires qemu-img --version
@@ -106,6 +109,7 @@ for (( round = 1; round <= rounds; round++ )); do
     status=0
     wait "$SERVER_PID" || status=$?
     [ "$status" = 137 ] || fail "nbdkit exited with $status, not killed by SIGKILL"
+    power_cut "$img" "$seed"
 
     check_crashed
 

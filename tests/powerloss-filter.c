@@ -1,0 +1,213 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* tests/powerloss-filter.c - an nbdkit filter for the power-loss tests
+ * (QCOW_VIA=powerloss in tests/functions.sh; tests/powerloss-apply.py).
+ *
+ *   nbdkit --filter=qcow --filter=tests/powerloss-filter.so \
+ *          file IMAGE powerloss-log=LOG
+ *
+ * Every write, write-zeroes and trim is passed on at once, and also
+ * appended to LOG first, with what the range held before: a record is in
+ * LOG before its write reaches the storage.  A flush passes the flush on
+ * and then empties LOG: what it held is durable.  A write with FUA gets
+ * an acknowledgement record once it is done.  So after kill -9, LOG holds
+ * exactly the writes that a power cut could have lost, and
+ * powerloss-apply.py turns IMAGE into what the disk could hold after one:
+ * the state of the last flush, plus any subset of the later writes
+ * (acknowledged FUA writes always), torn at 4 KiB.
+ *
+ * Write-type requests are serialized (one lock), so that the content
+ * read before a write is what that write replaced. */
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-filter.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+enum { REC_WRITE = 1, REC_ZERO = 2, REC_ACK = 3 };
+
+struct rec {            /* then LEN bytes before, and for REC_WRITE LEN after */
+  uint32_t type, pad;
+  uint64_t seq, offset, len;
+};
+
+static char *log_path;
+static int log_fd = -1;
+static uint64_t seq;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int
+pl_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
+           const char *key, const char *value)
+{
+  if (strcmp (key, "powerloss-log") == 0) {
+    free (log_path);
+    log_path = nbdkit_realpath (value);
+    if (!log_path) {
+      int fd = open (value, O_WRONLY | O_CREAT, 0644);
+      if (fd >= 0)
+        close (fd);
+      log_path = nbdkit_realpath (value);
+    }
+    return log_path ? 0 : -1;
+  }
+  return next (nxdata, key, value);
+}
+
+static int
+pl_get_ready (int thread_model)
+{
+  if (!log_path) {
+    nbdkit_error ("powerloss-log= is required");
+    return -1;
+  }
+  log_fd = open (log_path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+  if (log_fd == -1) {
+    nbdkit_error ("%s: %m", log_path);
+    return -1;
+  }
+  return 0;
+}
+
+static void
+pl_unload (void)
+{
+  if (log_fd >= 0)
+    close (log_fd);
+  free (log_path);
+}
+
+static int
+append (struct iovec *iov, int n)
+{
+  size_t total = 0;
+  for (int i = 0; i < n; i++)
+    total += iov[i].iov_len;
+  ssize_t r = writev (log_fd, iov, n);
+  if (r < 0 || (size_t) r != total) {
+    nbdkit_error ("%s: short write", log_path);
+    return -1;
+  }
+  return 0;
+}
+
+/* Log a write-type request of COUNT bytes at OFFSET (NEW: its data, NULL
+ * for zeros), then do it (DO); acknowledge it if FUA.  Under LOCK. */
+static int
+logged (nbdkit_next *next, uint32_t count, uint64_t offset, const void *new,
+        uint32_t flags, int *err,
+        int (*do_it) (nbdkit_next *next, const void *buf, uint32_t count,
+                      uint64_t offset, uint32_t flags, int *err))
+{
+  int r = -1;
+  void *old = malloc (count ? count : 1);
+  if (!old) {
+    *err = ENOMEM;
+    return -1;
+  }
+  pthread_mutex_lock (&lock);
+  struct rec h = { new ? REC_WRITE : REC_ZERO, 0, ++seq, offset, count };
+  struct iovec iov[3] = { { &h, sizeof h }, { old, count }, { (void *) new, count } };
+  if (next->pread (next, old, count, offset, 0, err) == -1)
+    goto out;
+  if (append (iov, new ? 3 : 2) == -1) {
+    *err = EIO;
+    goto out;
+  }
+  if ((r = do_it (next, new, count, offset, flags, err)) == 0 &&
+      (flags & NBDKIT_FLAG_FUA)) {
+    struct rec a = { REC_ACK, 0, h.seq, 0, 0 };
+    struct iovec ia = { &a, sizeof a };
+    if (append (&ia, 1) == -1) {
+      *err = EIO;
+      r = -1;
+    }
+  }
+ out:
+  pthread_mutex_unlock (&lock);
+  free (old);
+  return r;
+}
+
+static int
+do_pwrite (nbdkit_next *next, const void *buf, uint32_t count, uint64_t offset,
+           uint32_t flags, int *err)
+{
+  return next->pwrite (next, buf, count, offset, flags, err);
+}
+
+static int
+do_zero (nbdkit_next *next, const void *buf, uint32_t count, uint64_t offset,
+         uint32_t flags, int *err)
+{
+  return next->zero (next, count, offset, flags, err);
+}
+
+static int
+do_trim (nbdkit_next *next, const void *buf, uint32_t count, uint64_t offset,
+         uint32_t flags, int *err)
+{
+  return next->trim (next, count, offset, flags, err);
+}
+
+static int
+pl_pwrite (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
+           uint64_t offset, uint32_t flags, int *err)
+{
+  return logged (next, count, offset, buf, flags, err, do_pwrite);
+}
+
+static int
+pl_zero (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
+         uint32_t flags, int *err)
+{
+  return logged (next, count, offset, NULL, flags, err, do_zero);
+}
+
+/* A trimmed range reads as zeros on the file plugin (a punched hole). */
+static int
+pl_trim (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
+         uint32_t flags, int *err)
+{
+  return logged (next, count, offset, NULL, flags, err, do_trim);
+}
+
+static int
+pl_flush (nbdkit_next *next, void *handle, uint32_t flags, int *err)
+{
+  pthread_mutex_lock (&lock);
+  int r = next->flush (next, flags, err);
+  if (r == 0 && ftruncate (log_fd, 0) == -1) {
+    *err = errno;
+    r = -1;
+  }
+  pthread_mutex_unlock (&lock);
+  return r;
+}
+
+/* Only what is logged: no fast zero, no cache. */
+static int
+pl_can_fast_zero (nbdkit_next *next, void *handle)
+{
+  return 0;
+}
+
+static struct nbdkit_filter filter = {
+  .name              = "powerloss",
+  .longname          = "qcow tests: power-loss log",
+  .config            = pl_config,
+  .get_ready         = pl_get_ready,
+  .unload            = pl_unload,
+  .can_fast_zero     = pl_can_fast_zero,
+  .pwrite            = pl_pwrite,
+  .zero              = pl_zero,
+  .trim              = pl_trim,
+  .flush             = pl_flush,
+};
+
+NBDKIT_REGISTER_FILTER (filter)
