@@ -18,10 +18,11 @@
 #  b) tests/test-compact.sh part d (QCOW_COMPACT_ROUNDS, default 4 here):
 #     the cut during background compaction under I/O, lazy refcounts off.
 #
-# Without the flushes that order data and refcounts before the L2 entries
-# that point to them, a) fails within a few rounds (qemu-img check finds
-# L2 entries pointing at clusters with refcount 0); kill -9 alone never
-# shows it.
+# It can find a missing flush, which kill -9 cannot, but only when the
+# cut lands while a flush writes metadata back: without the fdatasync that
+# orders data and refcounts before the L2 entries pointing to them, one of
+# 36 rounds of a) failed (qemu-img check: L2 entries pointing at clusters
+# with refcount 0); with kill -9 alone none can.
 #
 #   SEED=N    reproduce a run (always printed)
 
