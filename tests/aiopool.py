@@ -139,8 +139,12 @@ class Pool:
         for i, h in enumerate(self.handles):
             if not self.inflight[i]:
                 continue
-            fd = h.aio_get_fd()
-            d = h.aio_get_direction()
+            try:
+                fd = h.aio_get_fd()
+                d = h.aio_get_direction()
+            except nbd.Error as e:      # the connection is already gone
+                self._fail_all(i, e)
+                continue
             if d & nbd.AIO_DIRECTION_READ:
                 rl.append(fd)
             if d & nbd.AIO_DIRECTION_WRITE:

@@ -4,11 +4,14 @@
 # itself).
 #
 #   crash-client.py run SOCK PID STATE --seed N --kill-after SECONDS
-#                   [--cluster BYTES] [--image FILE]
+#                   [--cluster BYTES] [--image FILE] [--until-dead]
 #       Write seeded random data over 4 connections (several writes in
 #       flight on each, some with FUA, some write-zeroes, flushes from time
 #       to time), then kill -9 the server (PID) while commands are in
-#       flight, wait until every connection has died, and save in STATE
+#       flight (with --until-dead: unless the server has died by itself
+#       before, which the first failed command shows; tests/
+#       powerloss-filter.c), wait until every connection has died, and
+#       save in STATE
 #       every write issued, in order, with whether it was acknowledged as
 #       durable: completed with FUA, or completed before a flush was
 #       issued that then completed.
@@ -89,32 +92,51 @@ def cmd_run(args):
         if kind == WRITE:
             op.data = write_data(args.seed, len(rec.writes), n)
         rec.writes.append(op)
-        pool.submit(op, conn)
+        try:
+            pool.submit(op, conn)
+        except (RuntimeError, nbd.Error):
+            rec.writes.pop()            # never issued
+            raise
 
     start = time.monotonic()
+    gone = False                        # --until-dead: the server died
     while time.monotonic() - start < args.kill_after:
+        if rec.unexpected and args.until_dead:
+            gone = True
+            break
         if rec.unexpected:
             raise Failure(rec.unexpected)
         conn = rng.randrange(nconn)
         r = rng.random()
         fua = nbd.CMD_FLAG_FUA if rng.random() < 0.15 and pool.can_fua else 0
-        if r < 0.05:
-            for j, (off, n) in enumerate(picker.pieces()):
-                write(off, n, fua, (conn + j) % nconn)
-        elif r < 0.88:
-            write(*picker.extent(), fua, conn)
-        elif r < 0.93:
-            if pool.can_zero:
-                write(*picker.extent(), fua, conn, kind=ZERO)
-        else:
-            pool.submit(Op(FLUSH), conn)
-    if rec.unexpected:
+        try:
+            if r < 0.05:
+                for j, (off, n) in enumerate(picker.pieces()):
+                    write(off, n, fua, (conn + j) % nconn)
+            elif r < 0.88:
+                write(*picker.extent(), fua, conn)
+            elif r < 0.93:
+                if pool.can_zero:
+                    write(*picker.extent(), fua, conn, kind=ZERO)
+            else:
+                pool.submit(Op(FLUSH), conn)
+        except (RuntimeError, nbd.Error):
+            if not args.until_dead:
+                raise
+            gone = True
+            break
+    died = gone or (rec.unexpected is not None and args.until_dead)
+    if rec.unexpected and not died:
         raise Failure(rec.unexpected)
 
     in_flight = pool.in_flight()
     size = os.path.getsize(args.image) if args.image else -1
     rec.killed = True
-    os.kill(args.pid, signal.SIGKILL)
+    try:
+        os.kill(args.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        if not died:
+            raise
     # Every connection must now die (the kernel closes the sockets when
     # the process is gone); replies already sent may still complete.
     deadline = time.monotonic() + 60
@@ -124,9 +146,10 @@ def cmd_run(args):
         pool.pump(1)
 
     durable = sum(1 for w in rec.writes if w.durable)
-    print("%s: seed %s: killed after %.2fs with %d commands in flight; "
+    print("%s: seed %s: %s after %.2fs with %d commands in flight; "
           "%d writes issued (%d durable), %d flushes; image file %d bytes" %
-          (PROG, args.seed, args.kill_after, in_flight, len(rec.writes),
+          (PROG, args.seed, "died by itself" if died else "killed",
+           time.monotonic() - start, in_flight, len(rec.writes),
            durable, pool.count.get(FLUSH, 0), size))
     state = {
         "seed": args.seed,
@@ -212,6 +235,7 @@ def main():
     r.add_argument("--kill-after", type=float, required=True)
     r.add_argument("--cluster", type=int, default=65536)
     r.add_argument("--image")
+    r.add_argument("--until-dead", action="store_true")
     r.add_argument("--conns", type=int, default=4)
     r.add_argument("--depth", type=int, default=4)
     v = sub.add_parser("verify")

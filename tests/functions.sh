@@ -275,7 +275,8 @@ raw_of ()
 #   --filter="$QCOW_FILTER" file FILE qcow-PARAM=VALUE...   (QCOW_VIA=filter)
 #   the same with tests/powerloss-filter.so under the qcow filter, logging
 #     in FILE.log what a power cut could lose (QCOW_VIA=powerloss): after
-#     kill -9, power_cut FILE makes FILE what a disk could hold after one
+#     kill -9, power_cut FILE makes FILE what a disk could hold after one;
+#     with QCOW_POWERLOSS_CUT=N the server kills itself at its N-th flush
 # The file plugin's storage cannot grow: with QCOW_VIA=filter, a create=
 # with size=SIZE first makes FILE a sparse file of 2 * SIZE + 16 MiB if it
 # does not exist, for the image to live in.  Example:
@@ -292,7 +293,8 @@ serve_args ()
     case "$QCOW_VIA" in
     filter) SERVE=(--filter="$QCOW_FILTER" file "$file") ;;
     powerloss) SERVE=(--filter="$QCOW_FILTER" --filter="$QCOW_BUILD/tests/powerloss-filter.so"
-                      file "$file" powerloss-log="$file.log") ;;
+                      file "$file" powerloss-log="$file.log"
+                      ${QCOW_POWERLOSS_CUT:+powerloss-cut-at-flush=$QCOW_POWERLOSS_CUT}) ;;
     *) die "QCOW_VIA=$QCOW_VIA: want plugin, filter or powerloss" ;;
     esac
     for p in "$@"; do

@@ -27,7 +27,9 @@
 #                             (tests/test-filter-crash.sh; functions.sh)
 #   QCOW_VIA=powerloss        the same, and the kill is a power cut: every
 #                             write since the last flush may be lost, in
-#                             part or whole (tests/test-powerloss.sh)
+#                             part or whole; every other round the server
+#                             is cut when its N-th flush reaches the disk
+#                             (tests/test-powerloss.sh)
 
 . "$(dirname "$0")/functions.sh"
 requires qemu-img --version
@@ -97,15 +99,28 @@ for (( round = 1; round <= rounds; round++ )); do
     # writes, the dirty bit), the others within 2.5 s.
     (( RANDOM % 5 == 0 )) && ms=$(( RANDOM % 50 )) || ms=$(( RANDOM % 2450 + 50 ))
     kill_after=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
-    echo "== round $round: seed $seed, cluster $cluster, lazy refcounts $lazy, kill after ${kill_after}s"
+    # Power cuts: half the rounds (with lazy refcounts on and off) at the
+    # moment of greatest risk, when the N-th flush reaches the disk (the
+    # server kills itself there).
+    until_dead=()
+    if [ "$QCOW_VIA" = powerloss ] && (( (round - 1) % 4 < 2 )); then
+        # (the first few flushes create the image)
+        export QCOW_POWERLOSS_CUT=$(( RANDOM % 60 + 10 ))
+        until_dead=(--until-dead)
+        kill_after=20
+        echo "== round $round: seed $seed, cluster $cluster, lazy refcounts $lazy, cut at flush $QCOW_POWERLOSS_CUT"
+    else
+        echo "== round $round: seed $seed, cluster $cluster, lazy refcounts $lazy, kill after ${kill_after}s"
+    fi
 
     rm -f "$img" "$TMPD"/*.raw
     serve_args "$img" create=true size=64M \
         cluster-size="$cluster" lazy-refcounts="$lazy"
+    unset QCOW_POWERLOSS_CUT
     start_child "$sock" "" "${SERVE[@]}"
     $py "$client" run "$sock" "$SERVER_PID" "$state" --seed "$seed" \
-        --kill-after "$kill_after" --cluster "$cluster" --image "$img" ||
-        fail "round $round: crash client failed"
+        --kill-after "$kill_after" --cluster "$cluster" --image "$img" \
+        "${until_dead[@]}" || fail "round $round: crash client failed"
     status=0
     wait "$SERVER_PID" || status=$?
     [ "$status" = 137 ] || fail "nbdkit exited with $status, not killed by SIGKILL"

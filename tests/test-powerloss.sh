@@ -18,11 +18,12 @@
 #  b) tests/test-compact.sh part d (QCOW_COMPACT_ROUNDS, default 4 here):
 #     the cut during background compaction under I/O, lazy refcounts off.
 #
-# It can find a missing flush, which kill -9 cannot, but only when the
-# cut lands while a flush writes metadata back: without the fdatasync that
-# orders data and refcounts before the L2 entries pointing to them, one of
-# 36 rounds of a) failed (qemu-img check: L2 entries pointing at clusters
-# with refcount 0); with kill -9 alone none can.
+# Half the rounds of a) cut the power when the N-th flush reaches the
+# disk, the moment of greatest risk.  It finds what kill -9 cannot: with
+# flushes that never reach the disk, a) and b) fail in their first round;
+# without only the fdatasync that orders data and refcounts before the L2
+# entries pointing to them, 1 of 68 rounds failed (qemu-img check: L2
+# entries pointing at clusters with refcount 0).
 #
 #   SEED=N    reproduce a run (always printed)
 
