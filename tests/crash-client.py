@@ -99,13 +99,10 @@ def cmd_run(args):
             raise
 
     start = time.monotonic()
-    gone = False                        # --until-dead: the server died
+    gone = False                        # a command could not be issued
     while time.monotonic() - start < args.kill_after:
-        if rec.unexpected and args.until_dead:
-            gone = True
-            break
         if rec.unexpected:
-            raise Failure(rec.unexpected)
+            break
         conn = rng.randrange(nconn)
         r = rng.random()
         fua = nbd.CMD_FLAG_FUA if rng.random() < 0.15 and pool.can_fua else 0
@@ -125,7 +122,7 @@ def cmd_run(args):
                 raise
             gone = True
             break
-    died = gone or (rec.unexpected is not None and args.until_dead)
+    died = args.until_dead and (gone or rec.unexpected is not None)
     if rec.unexpected and not died:
         raise Failure(rec.unexpected)
 

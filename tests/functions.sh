@@ -423,6 +423,19 @@ power_cut ()
     rm -f "$1.log"
 }
 
+# read_crashed IMG WHAT: after a crash, IMG read by the plugin (or the
+# filter: QCOW_VIA) read-only into $TMPD/plugin.raw, which must leave IMG
+# unchanged, and by QEMU into $TMPD/qemu.raw: both must agree.
+read_crashed ()
+{
+    local img=$1 what=$2 sum
+    sum=$(sha256_of "$img")
+    plugin_raw "$img" "$TMPD/plugin.raw" -r
+    [ "$(sha256_of "$img")" = "$sum" ] || fail "$what: the plugin modified the image with -r"
+    raw_of "$img" "$TMPD/qemu.raw"
+    assert_same "$TMPD/plugin.raw" "$TMPD/qemu.raw" "$what: plugin and QEMU contents after the crash"
+}
+
 # sha256_of FILE: the file's SHA-256 (just the hash).
 sha256_of ()
 {

@@ -36,7 +36,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-enum { REC_WRITE = 1, REC_ZERO = 2, REC_ACK = 3 };
+enum { REC_WRITE = 1, REC_ZERO = 2, REC_ACK = 3 };   /* record types */
+/* Requests logged; a trim as REC_ZERO (a trimmed range of the file plugin
+ * reads as zeros: a punched hole). */
+enum op { OP_WRITE, OP_ZERO, OP_TRIM };
 
 struct rec {            /* then LEN bytes before, and for REC_WRITE LEN after */
   uint32_t type, pad;
@@ -55,14 +58,8 @@ pl_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
            const char *key, const char *value)
 {
   if (strcmp (key, "powerloss-log") == 0) {
-    int fd = open (value, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-    if (fd == -1) {
-      nbdkit_error ("%s: %m", value);
-      return -1;
-    }
-    close (fd);
     free (log_path);
-    log_path = nbdkit_realpath (value);   /* nbdkit may chdir */
+    log_path = nbdkit_absolute_path (value);   /* nbdkit may chdir */
     return log_path ? 0 : -1;
   }
   if (strcmp (key, "powerloss-cut-at-flush") == 0)
@@ -107,13 +104,11 @@ append (struct iovec *iov, int n)
   return 0;
 }
 
-/* Log a write-type request of COUNT bytes at OFFSET (NEW: its data, NULL
- * for zeros), then do it (DO); acknowledge it if FUA.  Under LOCK. */
+/* Log a write-type request OP of COUNT bytes at OFFSET (BUF: the data of
+ * a write), then pass it on; acknowledge it if FUA.  Under LOCK. */
 static int
-logged (nbdkit_next *next, uint32_t count, uint64_t offset, const void *new,
-        uint32_t flags, int *err,
-        int (*do_it) (nbdkit_next *next, const void *buf, uint32_t count,
-                      uint64_t offset, uint32_t flags, int *err))
+logged (nbdkit_next *next, enum op op, const void *buf, uint32_t count,
+        uint64_t offset, uint32_t flags, int *err)
 {
   int r = -1;
   void *old = malloc (count ? count : 1);
@@ -122,16 +117,20 @@ logged (nbdkit_next *next, uint32_t count, uint64_t offset, const void *new,
     return -1;
   }
   pthread_mutex_lock (&lock);
-  struct rec h = { new ? REC_WRITE : REC_ZERO, 0, ++seq, offset, count };
-  struct iovec iov[3] = { { &h, sizeof h }, { old, count }, { (void *) new, count } };
+  struct rec h = { op == OP_WRITE ? REC_WRITE : REC_ZERO, 0, ++seq, offset, count };
+  struct iovec iov[3] = { { &h, sizeof h }, { old, count }, { (void *) buf, count } };
   if (next->pread (next, old, count, offset, 0, err) == -1)
     goto out;
-  if (append (iov, new ? 3 : 2) == -1) {
+  if (append (iov, op == OP_WRITE ? 3 : 2) == -1) {
     *err = EIO;
     goto out;
   }
-  if ((r = do_it (next, new, count, offset, flags, err)) == 0 &&
-      (flags & NBDKIT_FLAG_FUA)) {
+  switch (op) {
+  case OP_WRITE: r = next->pwrite (next, buf, count, offset, flags, err); break;
+  case OP_ZERO: r = next->zero (next, count, offset, flags, err); break;
+  case OP_TRIM: r = next->trim (next, count, offset, flags, err); break;
+  }
+  if (r == 0 && (flags & NBDKIT_FLAG_FUA)) {
     struct rec a = { REC_ACK, 0, h.seq, 0, 0 };
     struct iovec ia = { &a, sizeof a };
     if (append (&ia, 1) == -1) {
@@ -146,46 +145,24 @@ logged (nbdkit_next *next, uint32_t count, uint64_t offset, const void *new,
 }
 
 static int
-do_pwrite (nbdkit_next *next, const void *buf, uint32_t count, uint64_t offset,
-           uint32_t flags, int *err)
-{
-  return next->pwrite (next, buf, count, offset, flags, err);
-}
-
-static int
-do_zero (nbdkit_next *next, const void *buf, uint32_t count, uint64_t offset,
-         uint32_t flags, int *err)
-{
-  return next->zero (next, count, offset, flags, err);
-}
-
-static int
-do_trim (nbdkit_next *next, const void *buf, uint32_t count, uint64_t offset,
-         uint32_t flags, int *err)
-{
-  return next->trim (next, count, offset, flags, err);
-}
-
-static int
 pl_pwrite (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
            uint64_t offset, uint32_t flags, int *err)
 {
-  return logged (next, count, offset, buf, flags, err, do_pwrite);
+  return logged (next, OP_WRITE, buf, count, offset, flags, err);
 }
 
 static int
 pl_zero (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
          uint32_t flags, int *err)
 {
-  return logged (next, count, offset, NULL, flags, err, do_zero);
+  return logged (next, OP_ZERO, NULL, count, offset, flags, err);
 }
 
-/* A trimmed range reads as zeros on the file plugin (a punched hole). */
 static int
 pl_trim (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
          uint32_t flags, int *err)
 {
-  return logged (next, count, offset, NULL, flags, err, do_trim);
+  return logged (next, OP_TRIM, NULL, count, offset, flags, err);
 }
 
 static int

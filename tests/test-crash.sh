@@ -105,7 +105,7 @@ for (( round = 1; round <= rounds; round++ )); do
     until_dead=()
     if [ "$QCOW_VIA" = powerloss ] && (( (round - 1) % 4 < 2 )); then
         # (the first few flushes create the image)
-        export QCOW_POWERLOSS_CUT=$(( RANDOM % 60 + 10 ))
+        QCOW_POWERLOSS_CUT=$(( RANDOM % 60 + 10 ))   # read by serve_args
         until_dead=(--until-dead)
         kill_after=20
         echo "== round $round: seed $seed, cluster $cluster, lazy refcounts $lazy, cut at flush $QCOW_POWERLOSS_CUT"
@@ -130,11 +130,7 @@ for (( round = 1; round <= rounds; round++ )); do
 
     # What the plugin (read-only: it must not repair anything) and QEMU
     # read must agree, and hold every durable write.
-    sum=$(sha256_of "$img")
-    plugin_raw "$img" "$TMPD/plugin.raw" -r
-    [ "$(sha256_of "$img")" = "$sum" ] || fail "round $round: the plugin modified the image with -r"
-    raw_of "$img" "$TMPD/qemu.raw"
-    assert_same "$TMPD/plugin.raw" "$TMPD/qemu.raw" "round $round: plugin and QEMU contents after the crash"
+    read_crashed "$img" "round $round"
     $py "$client" verify "$state" "$TMPD/plugin.raw" ||
         fail "round $round: durable writes lost"
 
