@@ -8,10 +8,11 @@
  * them once the unlinking is durable (crash-safety rule 3), after which
  * the background thread punches them out of the file.  A raw external
  * data file (data_file_raw) must read as the image does: there a whole
- * cluster zeroed gets zeros written, and one trimmed is punched at once
- * (as QEMU does; its place is fixed, never reused, and a crash before
- * the unlinking is durable leaves the cluster reading zeros, which a
- * trim allows).  Neither syncs on its own (only with QCOW_FUA). */
+ * cluster zeroed gets zeros written, and one trimmed is punched, before
+ * its entry changes (as QEMU does; its place is fixed, never reused, and
+ * a failure or a crash before the entry changed leaves the image and
+ * the data file reading the same).  Neither syncs
+ * on its own (only with QCOW_FUA). */
 #include <stdlib.h>
 
 #include "internal.h"
@@ -133,6 +134,22 @@ clear_table (struct qcow *q, uint64_t gc, uint64_t gend, bool trim,
   return gc;
 }
 
+/* Make host cluster HOST of the data file read zeros, with q->lock held
+ * (dropped meanwhile): for a trim a punched hole (a file), else, or if it
+ * cannot be punched, zeros written.  FAST (a fast zero): -ENOTSUP. */
+static int
+zero_host (struct qcow *q, uint64_t host, bool trim, bool fast)
+{
+  if (fast)
+    return -ENOTSUP;
+  pthread_mutex_unlock (&q->lock);
+  int r = 0;
+  if (!trim || io_punch (q, true, host, q->cluster_size) < 0)
+    r = io_data_pwrite (q, q->zero_cluster, q->cluster_size, host);
+  pthread_mutex_lock (&q->lock);
+  return r;
+}
+
 /* Apply MODE to the whole clusters inside [offset, offset+count); return
  * in *HEAD / *TAIL the partial edges left over. */
 static int
@@ -189,19 +206,22 @@ clear_range (struct qcow *q, uint64_t count, uint64_t offset, bool trim,
     }
     struct cmap m;
     bool write_host;
-    r = clear_cluster (q, gc, trim, mode, &m, &write_host);
-    if (r == 0 && write_host) {
-      if (fast) {
-        r = -ENOTSUP;
+    uint64_t zeroed = UINT64_MAX;   /* host cluster already zeroed */
+    if (q->data_raw) {
+      /* As QEMU does, the raw data file reads zeros before the entry
+       * says so: a failure or a crash in between leaves the two
+       * agreeing. */
+      if ((r = l2_lookup (q, gc, &m)) < 0)
         break;
+      if (m.kind == C_DATA) {
+        if ((r = zero_host (q, m.host, trim, fast)) < 0)
+          break;
+        zeroed = m.host;
       }
-      pthread_mutex_unlock (&q->lock);
-      /* A punched hole reads as zeros (a file); if it cannot be punched,
-       * the zeros are written. */
-      if (!trim || io_punch (q, true, m.host, cs) < 0)
-        r = io_data_pwrite (q, q->zero_cluster, cs, m.host);
-      pthread_mutex_lock (&q->lock);
     }
+    r = clear_cluster (q, gc, trim, mode, &m, &write_host);
+    if (r == 0 && write_host && m.host != zeroed)
+      r = zero_host (q, m.host, trim, fast);
     if (r == 0)
       (*nclusters)++;
   }

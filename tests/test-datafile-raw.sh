@@ -14,7 +14,11 @@
 # plugin reads, and both equal the model (zeroed bytes zero, trimmed
 # bytes zero or as before, the rest as before).  After the server stopped,
 # the data file equals qemu-img convert of the image, and qemu-img check
-# is clean.
+# is clean.  A zero whose write of the data file fails (fault injection,
+# QCOW_DEBUG_FAULT=write:N for the first few N) must leave the image
+# reading what the data file holds: QEMU zeroes the raw data file before
+# it changes the L2 entries, so a failure or a crash in between cannot
+# leave the image reading zeros over data the data file still holds.
 
 . "$(dirname "$0")/functions.sh"
 requires qemu-img --version
@@ -25,10 +29,15 @@ SIZE=$((1024 * 1024))
 
 # The client: runs the requests of $QCOW_OPS (one a line: "zero OFF LEN",
 # "zero-nohole OFF LEN", "trim OFF LEN", "write OFF LEN BYTE", offsets in
-# bytes) and checks the data file $QCOW_DATA after each.
+# bytes) and checks the data file $QCOW_DATA after each.  A request may
+# fail only when $QCOW_FAILED names a file: then the count of failed
+# requests is written there, and the bytes of a failed one may read as
+# before or as the request would have left them (the same in the plugin
+# and in the data file all the same).
 CLIENT='
 import os
 data_path, size = os.environ["QCOW_DATA"], h.get_size()
+failed_path, failed = os.environ.get("QCOW_FAILED"), 0
 
 def data_file():
     with open(data_path, "rb") as f:
@@ -41,22 +50,36 @@ for line in os.environ["QCOW_OPS"].split("\n"):
     op, off, n, *rest = line.split()
     off, n = int(off), int(n)
     old = bytes(model[off:off + n])
-    if op == "zero":
-        h.zero(n, off)
-    elif op == "zero-nohole":
-        h.zero(n, off, nbd.CMD_FLAG_NO_HOLE)
-    elif op == "trim":
-        h.trim(n, off)
-    elif op == "write":
-        h.pwrite(bytes([int(rest[0], 0)]) * n, off)
-    else:
-        raise SystemExit("bad op " + line)
+    try:
+        if op == "zero":
+            h.zero(n, off)
+        elif op == "zero-nohole":
+            h.zero(n, off, nbd.CMD_FLAG_NO_HOLE)
+        elif op == "trim":
+            h.trim(n, off)
+        elif op == "write":
+            h.pwrite(bytes([int(rest[0], 0)]) * n, off)
+        else:
+            raise SystemExit("bad op " + line)
+        ok = True
+    except nbd.Error:
+        if not failed_path:
+            raise
+        ok, failed = False, failed + 1
     got, raw = h.pread(size, 0), data_file()
     if got != raw:
         i = next(i for i in range(size) if got[i] != raw[i])
-        raise SystemExit("after %s: at offset %d the plugin reads %#04x, the "
-                         "raw data file holds %#04x" % (line, i, got[i], raw[i]))
-    if op == "write":
+        raise SystemExit("after %s%s: at offset %d the plugin reads %#04x, the "
+                         "raw data file holds %#04x" %
+                         (line, "" if ok else " (failed)", i, got[i], raw[i]))
+    if not ok:
+        new = bytes([int(rest[0], 0)]) * n if op == "write" else bytes(n)
+        for i in range(n):
+            if got[off + i] not in (old[i], new[i]):
+                raise SystemExit("after %s (failed): byte at %d reads %#04x" %
+                                 (line, off + i, got[off + i]))
+        model[off:off + n] = got[off:off + n]
+    elif op == "write":
         model[off:off + n] = bytes([int(rest[0], 0)]) * n
     elif op == "trim":
         for i in range(n):
@@ -71,6 +94,9 @@ for line in os.environ["QCOW_OPS"].split("\n"):
         raise SystemExit("after %s: at offset %d the plugin reads %#04x, "
                          "expected %#04x" % (line, i, got[i], model[i]))
 h.flush()
+if failed_path:
+    with open(failed_path, "w") as f:
+        f.write("%d\n" % failed)
 '
 
 # scenario CLUSTER NAME OP...: run the ops (offset and length are shell
@@ -89,7 +115,7 @@ scenario ()
         done
         ops+=("${out[*]} ${w[*]:3}")
     done
-    echo "== $c: $name"
+    echo "== $c: $name${QCOW_DEBUG_FAULT:+ (QCOW_DEBUG_FAULT=$QCOW_DEBUG_FAULT)}"
     mkdir "$dir"
     cp "$TMPD/base-$c/top.qcow2" "$TMPD/base-$c/top.data" "$dir/"
     cd "$dir"
@@ -127,6 +153,15 @@ for cs in 65536 4096; do
     scenario $cs trim-partial "trim 100 1000" "trim 2*c+100 1000"
     scenario $cs trim-whole "trim 0 c" "trim 2*c 2*c"
     scenario $cs trim-span "trim 100 3*c" "trim 4*c+5 3*c-5"
+    # A zero whose write of the data file fails: the first few writes
+    # fail in turn; at least one of them must be the zeros'.
+    nfailed=0
+    for n in 1 2 3 4; do
+        QCOW_FAILED="$TMPD/failed" QCOW_DEBUG_FAULT=write:$n:EIO \
+            scenario $cs zero-fails "zero-nohole 2*c c" "zero 4*c 2*c" "trim 7*c c" "write 2*c 10 0x5a"
+        nfailed=$((nfailed + $(cat "$TMPD/failed")))
+    done
+    [ $nfailed -gt 0 ] || fail "$cs: no injected write fault made a zero fail"
     scenario $cs trim-write-zero "trim 0 4*c" "write 100 1000 0xee" "write c+7 9 0x11" \
         "zero-nohole 0 c" "zero 2*c+1 c" "write 2*c 4 0x22" "trim 0 2*c" "zero 0 3*c"
 done
